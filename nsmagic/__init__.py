@@ -1,0 +1,54 @@
+"""nsmagic: run a Jupyter cell inside fresh Linux namespaces.
+
+In a notebook::
+
+    %load_ext nsmagic
+
+    %%innamespace --net --pid --mount-proc -o rx
+    import os, socket
+    print(os.getpid(), socket.if_nameindex())
+    rx = open("/proc/net/dev").read()
+
+Without IPython, :func:`run` calls a function and :func:`run_code` runs a code string in a child
+with the namespaces of a :class:`Namespaces` request.
+"""
+
+from .errors import (
+    CellError,
+    CellTimeout,
+    ChildDied,
+    NsmagicError,
+    OptionError,
+    OutputError,
+    PrivilegeError,
+    ProtocolError,
+    SetupError,
+)
+from .outcome import Result
+from .runner import Sinks, execute, run, run_code
+from .spec import Namespaces
+from .syscalls import CloneFlag
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CellError", "CellTimeout", "ChildDied", "CloneFlag", "Namespaces", "NsmagicError",
+    "OptionError", "OutputError", "PrivilegeError", "ProtocolError", "Result", "SetupError",
+    "Sinks", "execute", "run", "run_code", "load_ipython_extension",
+]
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext nsmagic``: register ``%%innamespace``."""
+    from .magics import InNamespaceMagics
+
+    ipython.register_magics(InNamespaceMagics)
+
+
+def unload_ipython_extension(ipython) -> None:
+    """``%unload_ext nsmagic``: remove the magics again."""
+    from .magics import InNamespaceMagics
+
+    for kind in ("line", "cell"):
+        ipython.magics_manager.magics[kind].pop("innamespace", None)
+    ipython.configurables[:] = [c for c in ipython.configurables if not isinstance(c, InNamespaceMagics)]

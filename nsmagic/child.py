@@ -1,0 +1,187 @@
+"""What runs inside the child, from the instant after fork() to its ``os._exit``.
+
+The child is a copy of the kernel: every variable is there, and so is ipykernel's machinery,
+which must not be used. Its ``sys.stdout`` would try to send through a zmq socket that in a new
+network namespace points at another loopback, and ``session.send`` from a fork is dropped. So
+the first thing the child does, before anything can print, is point fds 0/1/2 at its own pipes
+and rebind ``sys.stdout``/``sys.stderr``.
+
+The child always ends in ``os._exit`` (as ``multiprocessing.popen_fork`` does): falling through
+would make a second, confused kernel, and atexit handlers would delete the real kernel's files.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno as errno_module
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from . import protocol, steps
+from .outcome import Outcome, make_report
+from .protocol import Kind
+from .spec import Namespaces
+from .syscalls import set_parent_death_signal
+from .values import Packer
+
+#: Exit statuses of a child that could not even report (seen only if reporting itself failed).
+EXIT_SETUP_FAILED = 121
+EXIT_INTERNAL = 122
+
+
+@dataclass
+class Plan:
+    """Everything the child needs, prepared by the kernel before the fork."""
+
+    spec: Namespaces
+    job: Callable[["Channel"], Outcome]
+    outputs: list[str]
+    kernel_pid: int
+    pid_done: bool
+    stdout: int
+    stderr: int
+    control: int
+    answers: int
+    memfd: int
+    uid: int
+    gid: int
+
+
+class Channel:
+    """The child's end of the control pipe, for jobs that need to talk to the notebook."""
+
+    def __init__(self, control: int, answers: int):
+        self.control = control
+        self.answers = answers
+
+    @staticmethod
+    def flush() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+
+    def display(self, data: dict, metadata: dict | None = None, transient: dict | None = None,
+                update: bool = False) -> None:
+        """Publish display data; streams are flushed first so the notebook keeps the order."""
+        self.flush()
+        protocol.send_obj(self.control, Kind.DISPLAY, {
+            "data": data, "metadata": metadata or {}, "transient": transient or {}, "update": update,
+        })
+
+    def clear_output(self, wait: bool = False) -> None:
+        self.flush()
+        protocol.send_obj(self.control, Kind.CLEAR_OUTPUT, bool(wait))
+
+    def ask(self, prompt: str = "", password: bool = False) -> str:
+        """Ask the notebook for a line of input, through the kernel's own stdin channel."""
+        self.flush()
+        protocol.send_obj(self.control, Kind.INPUT, (str(prompt), password))
+        kind, payload = protocol.recv_blocking(self.answers)
+        ok, text = protocol.load(payload)
+        if not ok:
+            raise EOFError(text)
+        return text
+
+
+def main(plan: Plan) -> None:
+    """The child's whole life. Never returns."""
+    status = EXIT_INTERNAL
+    try:
+        _rewire(plan)
+        if plan.spec.pid and not plan.pid_done:
+            _become_middle_or_worker(plan)
+        else:
+            steps.enter_namespaces(plan.spec, plan.uid, plan.gid, pid_done=plan.pid_done)
+            steps.set_up_inside(plan.spec)
+        status = _work(plan)
+    except steps.StepFailed as e:
+        _report_setup_failure(plan, e)
+        status = EXIT_SETUP_FAILED
+    except BaseException:
+        try:
+            import traceback
+            traceback.print_exc()
+            sys.stderr.flush()
+        except BaseException:
+            pass
+    finally:
+        os._exit(status)
+
+
+def _rewire(plan: Plan) -> None:
+    """Own stdio and signals before anything else can run."""
+    set_parent_death_signal(signal.SIGKILL)
+    if not plan.pid_done and os.getppid() != plan.kernel_pid:  # the kernel died before prctl()
+        os._exit(EXIT_INTERNAL)
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(plan.stdout, 1)
+    os.dup2(plan.stderr, 2)
+    for fd in (devnull, plan.stdout, plan.stderr):
+        os.close(fd)
+    sys.stdin = open(0, "r", closefd=False)
+    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+    channel = Channel(plan.control, plan.answers)
+    builtins.input = channel.ask
+    try:
+        import getpass
+        getpass.getpass = lambda prompt="Password: ", stream=None: channel.ask(prompt, password=True)
+    except ImportError:
+        pass
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _become_middle_or_worker(plan: Plan) -> None:
+    """A PID namespace owned by a new user (or time) namespace must be made here, in the
+    single-threaded child; its PID 1 is then our own child (the worker), and we stay behind
+    only to pass on how it ended."""
+    steps.enter_namespaces(plan.spec, plan.uid, plan.gid, pid_done=False)
+    worker = os.fork()
+    if worker == 0:
+        set_parent_death_signal(signal.SIGKILL)
+        steps.set_up_inside(plan.spec)
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for fd in (0, 1, 2, plan.control, plan.answers, plan.memfd):
+        os.close(fd)
+    while True:
+        try:
+            _, status = os.waitpid(worker, 0)
+            break
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {-code})
+        os.kill(os.getpid(), -code)
+        code = 128 - code
+    os._exit(code)
+
+
+def _work(plan: Plan) -> int:
+    channel = Channel(plan.control, plan.answers)
+    outcome = plan.job(channel)
+    report = make_report(outcome, plan.outputs, Packer(plan.memfd))
+    channel.flush()
+    protocol.send_obj(plan.control, Kind.DONE, report)
+    return 0
+
+
+def _report_setup_failure(plan: Plan, e: "steps.StepFailed") -> None:
+    try:
+        protocol.send(plan.control, Kind.SETUP_FAILED, protocol.setup_record(e.step, e.errno, e.message))
+    except OSError as err:
+        if err.errno != errno_module.EPIPE:
+            raise

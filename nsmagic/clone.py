@@ -1,0 +1,110 @@
+"""How the child is made: glibc's fork() with the ``CLONE_NEW*`` flags applied around it.
+
+Container runtimes start a container's first process with one call,
+``clone(child_fn, stack, CLONE_NEWNET|CLONE_NEWPID|...|SIGCHLD, arg)``. nsmagic makes the same
+process, but from a live, multi-threaded Python kernel, where a raw clone through ctypes is
+unsafe: Python bytecode would run in the child before ``PyOS_AfterFork_Child()`` (the child can
+then wait forever for a GIL owned by a thread that does not exist; measured: one hang in 300
+cells), and glibc's fork handlers (malloc arenas, the cached thread id) would be skipped.
+
+glibc's ``fork()``, which ``os.fork()`` calls, *is* the clone(2) system call with those handlers,
+so nsmagic uses it and applies the flags where Linux allows each:
+
+* ``CLONE_NEWPID``: ``unshare`` in the kernel's calling thread just before the fork (it changes
+  only that thread's ``pid_for_children``), ``setns`` back right after, so the child is PID 1
+  and the kernel's later ``!cmd`` are not born in a dead namespace.
+* ``CLONE_NEWNET|NEWNS|NEWUTS|NEWIPC|NEWCGROUP``: ``unshare`` in the child, before any user code.
+* ``CLONE_NEWUSER`` and ``CLONE_NEWTIME``: only possible in a single-threaded process, which the
+  kernel never is and the child always is, so the child makes them (and the PID namespace
+  after a user namespace, followed by a second fork so that PID 1 is born in it).
+  ``CLONE_NEWTIME`` cannot be passed to clone() at all: 0x80 lands in the exit-signal byte.
+
+The result is the process a runtime's clone() would make, minus the hazards.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import warnings
+
+from . import child as child_module
+from .errors import PrivilegeError
+from .syscalls import CloneFlag, advice, setns, unshare
+
+
+def pid_namespace_in_kernel(spec) -> bool:
+    """Whether the kernel's thread makes the PID namespace itself (it cannot when a user
+    namespace must own it, because only a single-threaded process can make that)."""
+    return spec.pid and not spec.user
+
+
+def spawn(plan: "child_module.Plan") -> int:
+    """Fork the child described by *plan*; return its pid. The child never returns here."""
+    saved = None
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        if plan.pid_done:
+            saved = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                unshare(CloneFlag.NEWPID)
+            except OSError as e:
+                raise PrivilegeError(
+                    f"unshare(CLONE_NEWPID) failed: {e.strerror}; {advice(CloneFlag.NEWPID, e.errno, False)}"
+                ) from None
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about fork() in a multi-threaded process. The child never
+            # returns to the code of the threads it lost; it runs the cell and _exits.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            try:
+                child_module.main(plan)
+            finally:
+                os._exit(child_module.EXIT_INTERNAL)
+        try:
+            os.setpgid(pid, pid)  # also done by the child: whichever runs first wins the race
+        except OSError:
+            pass
+        return pid
+    finally:
+        if saved is not None:
+            try:
+                setns(saved, CloneFlag.NEWPID)
+            finally:
+                os.close(saved)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+class Reaper:
+    """Collects children whose report has already been read.
+
+    A child's teardown (a network namespace, a large copy-on-write heap) takes milliseconds the
+    cell need not wait for, so the kernel returns as soon as the report is in and this thread
+    does the ``waitpid``. It blocks in the kernel, not in Python, and is started once.
+    """
+
+    def __init__(self) -> None:
+        self._pids: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def reap(self, pid: int) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="nsmagic-reaper", daemon=True)
+                self._thread.start()
+        self._pids.put(pid)
+
+    def _run(self) -> None:
+        while True:
+            pid = self._pids.get()
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+
+reaper = Reaper()

@@ -1,0 +1,219 @@
+"""The kernel-facing magic: ``%%innamespace`` and ``%innamespace``.
+
+Thin by design: it turns options into a :class:`~nsmagic.spec.Namespaces` request, asks
+:func:`nsmagic.runner.execute` to run the cell in a child, puts the ``-o`` variables into the
+user's namespace, and returns the cell's value for IPython to display.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Float, Unicode
+
+from . import runner
+from .cell import cell_job
+from .errors import OptionError
+from .spec import Namespaces
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the timeout must be a positive number of seconds")
+    return value
+
+
+def _offset(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected one or more variable names, separated by commas")
+    for name in names:
+        if not name.isidentifier():
+            raise argparse.ArgumentTypeError(f"{name!r} is not a Python variable name")
+    return names
+
+
+class ChildValue:
+    """Stands in the kernel for a cell value that could not be pickled: it displays as the
+    child displayed it (the child's own mime bundle), but the object itself stayed behind."""
+
+    def __init__(self, bundle: tuple[dict, dict]):
+        self.data, self.metadata = bundle
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return self.data, self.metadata
+
+    def __repr__(self) -> str:
+        return str(self.data.get("text/plain", "<a value of the namespaced cell>"))
+
+
+class NotebookSinks(runner.Sinks):
+    """Publishes the child's display data to the notebook as the kernel's own."""
+
+    def display(self, data, metadata, transient, update):
+        from IPython.display import publish_display_data
+
+        publish_display_data(data, metadata, transient=transient or None, update=update)
+
+    def clear_output(self, wait):
+        from IPython.display import clear_output
+
+        clear_output(wait=wait)
+
+
+@magics_class
+class InNamespaceMagics(Magics):
+    """Run cells in fresh Linux namespaces. Configure with ``%config InNamespaceMagics.<name>``."""
+
+    grace_period = Float(
+        1.0,
+        help="Seconds an interrupted or timed-out cell's child gets to run its finally blocks "
+        "after SIGINT, before SIGKILL ends it and everything in its namespaces.",
+    ).tag(config=True)
+
+    default_options = Unicode(
+        "",
+        help="Options put in front of every cell's own, e.g. '--pid --mount-proc' for a "
+        "tutorial where every cell should be PID 1.",
+    ).tag(config=True)
+
+    default_timeout = Float(
+        0.0, help="A --timeout (seconds) for cells that give none; 0 means no timeout."
+    ).tag(config=True)
+
+    @magic_arguments()
+    @argument("-m", "--mount", action="store_true", help="new mount namespace (CLONE_NEWNS)")
+    @argument("-u", "--uts", action="store_true", help="new UTS namespace: hostname (CLONE_NEWUTS)")
+    @argument("-i", "--ipc", action="store_true", help="new IPC namespace: SysV IPC, POSIX queues (CLONE_NEWIPC)")
+    @argument("-n", "--net", action="store_true", help="new network namespace: only a down lo (CLONE_NEWNET)")
+    @argument("-p", "--pid", action="store_true", help="new PID namespace: the cell runs as PID 1 (CLONE_NEWPID)")
+    @argument("-U", "--user", action="store_true",
+              help="new user namespace; without -r the cell runs as the overflow uid 65534 (CLONE_NEWUSER)")
+    @argument("-C", "--cgroup", action="store_true", help="new cgroup namespace (CLONE_NEWCGROUP)")
+    @argument("-T", "--time", action="store_true",
+              help="new time namespace (CLONE_NEWTIME); see --monotonic and --boottime")
+    @argument("-r", "--map-root-user", action="store_true",
+              help="be root inside: map uid and gid 0 to the kernel's; implies -U; works without root")
+    @argument("--mount-proc", action="store_true",
+              help="mount a fresh /proc (implies -m); with -p, /proc and ps show only the namespace's processes")
+    @argument("--hostname", metavar="NAME", help="set the hostname inside (implies -u)")
+    @argument("--monotonic", metavar="SECONDS", type=_offset, default=0.0,
+              help="shift CLOCK_MONOTONIC inside by SECONDS (implies -T)")
+    @argument("--boottime", metavar="SECONDS", type=_offset, default=0.0,
+              help="shift CLOCK_BOOTTIME inside by SECONDS (implies -T)")
+    @argument("-f", "--fork", action="store_true",
+              help="accepted for unshare(1) habits; the cell always runs in a forked child")
+    @argument("-o", "--out", metavar="NAMES", type=_names, action="append", default=[],
+              help="comma-separated variables to bring back into the kernel when the cell ends (repeatable)")
+    @argument("--timeout", metavar="SECONDS", type=_seconds,
+              help="kill the cell's child and its namespaces after SECONDS")
+    @argument("code", nargs="*", help="(line magic only) the Python statement to run")
+    @line_cell_magic
+    def innamespace(self, line: str, cell: str | None = None):
+        """Run a cell (or one line) in a child process with fresh Linux namespaces.
+
+        The child is a copy-on-write fork of this kernel: it sees every variable, import and
+        function defined so far, its output appears here live, and its final expression is
+        the cell's result. Nothing it changes comes back except the variables named with -o.
+
+        Examples::
+
+            %%innamespace --net --pid --mount-proc -o rx
+            import os, socket
+            print(os.getpid(), socket.if_nameindex())
+            rx = open("/proc/net/dev").read()
+
+            %innamespace -r --hostname box socket.gethostname()
+
+        Option letters are those of util-linux unshare(1).
+        """
+        if cell is None:
+            options, code = self._split_line(line)
+            shown_source, line_offset = code, 0
+        else:
+            options, code = line, cell
+            shown_source, line_offset = f"%%innamespace {line}\n{cell}", 1
+        args = parse_argstring(self.innamespace, f"{self.default_options} {options}")
+        if cell is not None and args.code:
+            raise UsageError(f"unexpected arguments {' '.join(args.code)!r}: %%innamespace takes "
+                             "only options on its line; the code goes in the cell")
+        if not code.strip():
+            raise UsageError("nothing to run: give %innamespace some code after its options")
+        try:
+            spec = Namespaces(
+                mount=args.mount, uts=args.uts, ipc=args.ipc, net=args.net, pid=args.pid,
+                user=args.user, cgroup=args.cgroup, time=args.time,
+                map_root_user=args.map_root_user, mount_proc=args.mount_proc,
+                hostname=args.hostname, monotonic=args.monotonic, boottime=args.boottime,
+            )
+        except OptionError as e:
+            raise UsageError(str(e)) from None
+        outputs = [name for group in args.out for name in group]
+        timeout = args.timeout or self.default_timeout or None
+        job = cell_job(self.shell, code, shown_source=shown_source, line_offset=line_offset)
+        result = runner.execute(job, spec, outputs=outputs, timeout=timeout,
+                                sinks=NotebookSinks(), grace=self.grace_period)
+        if result.values:
+            self.shell.push(result.values)
+        result.raise_for_errors()
+        if result.bundle is not None:
+            return ChildValue(result.bundle)
+        return result.value
+
+    def _split_line(self, line: str) -> tuple[str, str]:
+        """Split a line magic into its options and its code, keeping the code verbatim
+        (quotes and spacing matter in Python, so it must not go through shlex)."""
+        parser = self.innamespace.parser
+        pos = 0
+        while True:
+            m = re.compile(r"\s*(\S+)").match(line, pos)
+            if m is None:
+                return line, ""
+            token = m.group(1)
+            if token == "--":
+                return line[:m.start(1)], line[m.end():]
+            if not token.startswith("-") or token == "-" or _is_number(token):
+                return line[:m.start(1)], line[m.start(1):]
+            pos = m.end()
+            if _takes_value(parser, token):
+                value = re.compile(r"\s*(\S+)").match(line, pos)
+                if value is not None:
+                    pos = value.end()
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
+
+
+def _takes_value(parser: argparse.ArgumentParser, token: str) -> bool:
+    """Whether *token* is an option whose value is the next token."""
+    if token.startswith("--"):
+        action = parser._option_string_actions.get(token)
+        return action is not None and action.nargs != 0
+    if "=" in token:
+        return False
+    for i, letter in enumerate(token[1:]):
+        action = parser._option_string_actions.get(f"-{letter}")
+        if action is not None and action.nargs != 0:
+            return i == len(token) - 2  # '-o' alone, or last of a cluster: value is next
+    return False
+

@@ -1,0 +1,389 @@
+"""The kernel's side of a run: pipes, the fork, the output pump, and stopping the child.
+
+This module and those under it do not import IPython: :func:`run` and :func:`run_code` work in
+any Python program. The magic (:mod:`nsmagic.magics`) is a thin layer on :func:`execute`.
+
+One loop in the calling thread waits on everything the child can do: write to stdout or stderr,
+send a frame (display data, a question for ``input()``, its report), or exit (a pidfd). Nothing
+sleeps or polls on a timer, and the pipes are always drained, so a child printing 50 MB never
+blocks on a full pipe while the kernel waits for something else.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import os
+import select
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import protocol, source
+from .child import Channel, Plan
+from .clone import pid_namespace_in_kernel, reaper, spawn
+from .errors import CellTimeout, ChildDied, OptionError, PrivilegeError, ProtocolError, SetupError
+from .outcome import Outcome, Result, capture, rebuild
+from .protocol import FrameReader, Kind
+from .spec import Namespaces
+from .syscalls import CAP_SYS_ADMIN, CloneFlag, advice, has_capability
+from .values import Unpacker
+
+_CHUNK = 1 << 16
+
+
+class Sinks:
+    """Where the child's output goes in the calling process.
+
+    This default writes text to ``sys.stdout``/``sys.stderr`` and shows display data as its
+    ``text/plain``; the magic's subclass publishes to the notebook instead.
+    """
+
+    def stdout(self, text: str) -> None:
+        sys.stdout.write(text)
+
+    def stderr(self, text: str) -> None:
+        sys.stderr.write(text)
+
+    def display(self, data: dict, metadata: dict, transient: dict, update: bool) -> None:
+        if "text/plain" in data:
+            self.stdout(str(data["text/plain"]) + "\n")
+
+    def clear_output(self, wait: bool) -> None:
+        pass
+
+    def input(self, prompt: str, password: bool) -> str:
+        if password:
+            import getpass
+            return getpass.getpass(prompt)
+        return input(prompt)
+
+    def flush(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+
+
+def check_outputs(names) -> list[str]:
+    out = []
+    for name in names:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise OptionError(f"-o {name!r}: not a Python variable name")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def check_privileges(spec: Namespaces) -> None:
+    """Refuse before forking what the kernel certainly may not do (bubblewrap's rule)."""
+    needs_admin = spec.flags & ~CloneFlag.NEWUSER
+    if needs_admin and not spec.user and not has_capability(CAP_SYS_ADMIN):
+        raise PrivilegeError(f"{needs_admin.spelled()}: {advice(needs_admin, errno.EPERM, False)}")
+
+
+def execute(
+    job: Callable[[Channel], Outcome],
+    spec: Namespaces | None = None,
+    *,
+    outputs=(),
+    timeout: float | None = None,
+    sinks: Sinks | None = None,
+    grace: float = 1.0,
+) -> Result:
+    """Run *job* in a forked child with the namespaces of *spec* and bring back what it made.
+
+    The job is any callable; it is called in the child (a copy-on-write copy of this process,
+    so it can use everything defined so far) with a :class:`~nsmagic.child.Channel` and returns
+    an :class:`~nsmagic.outcome.Outcome`. Raises :class:`PrivilegeError` or :class:`SetupError`
+    if the namespaces could not be made, :class:`ChildDied` if the child ended without a report,
+    :class:`CellTimeout` after *timeout* seconds, and ``KeyboardInterrupt`` if interrupted; in
+    each case the child and everything in its namespaces have been killed and reaped.
+    The job's own exception is not raised here: see :meth:`Result.raise_for_errors`.
+    """
+    spec = spec or Namespaces()
+    outputs = check_outputs(outputs)
+    if timeout is not None and not timeout > 0:
+        raise OptionError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    check_privileges(spec)
+    return _Run(job, spec, outputs, timeout, sinks or Sinks(), grace).run()
+
+
+def run(func: Callable, *args, namespaces: Namespaces | None = None, timeout: float | None = None,
+        **kwargs) -> Any:
+    """Call ``func(*args, **kwargs)`` in fresh namespaces and return its value.
+
+    An exception raised by *func* is raised here as itself, with the child's traceback as its
+    ``__cause__``. Output the child prints goes to this process's ``sys.stdout``/``sys.stderr``.
+    """
+    result = execute(lambda channel: capture(func, *args, **kwargs), namespaces, timeout=timeout)
+    result.raise_for_errors()
+    return result.value
+
+
+def run_code(code: str, namespaces: Namespaces | None = None, *, globals: dict | None = None,
+             outputs=(), timeout: float | None = None, filename: str = "<nsmagic>") -> Result:
+    """Execute a code string in fresh namespaces, like a cell: the value of its final expression
+    comes back as ``Result.value``, and the variables named in *outputs* as ``Result.values``.
+
+    *globals* (by default a fresh dict) is seen by the code but never changed in this process.
+    The code's exception is raised here as itself; variables that could not come back raise
+    :class:`~nsmagic.errors.OutputError` after the others arrived.
+    """
+    namespace = {} if globals is None else globals
+    namespace.setdefault("__name__", "__main__")
+    result = execute(lambda channel: source.run_source(code, namespace, filename=filename),
+                     namespaces, outputs=outputs, timeout=timeout)
+    result.raise_for_errors()
+    return result
+
+
+@dataclass
+class _Pipe:
+    read: int
+    write: int
+
+
+def _pipe() -> _Pipe:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    return _Pipe(r, w)
+
+
+class _Run:
+    """One child, from fork to reaping."""
+
+    def __init__(self, job, spec: Namespaces, outputs: list[str], timeout, sinks: Sinks, grace: float):
+        self.spec, self.outputs, self.sinks, self.grace = spec, outputs, sinks, grace
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.timeout = timeout
+        self.job = job
+        self.pid = 0
+        self.pidfd = -1
+        self.settled = False
+        self.reader = FrameReader()
+        self.decoders = {}
+
+    def run(self) -> Result:
+        out, err, ctl, ans = _pipe(), _pipe(), _pipe(), _pipe()
+        memfd = os.memfd_create("nsmagic-values", os.MFD_CLOEXEC)
+        plan = Plan(
+            spec=self.spec, job=self.job, outputs=self.outputs, kernel_pid=os.getpid(),
+            pid_done=pid_namespace_in_kernel(self.spec), stdout=out.write, stderr=err.write,
+            control=ctl.write, answers=ans.read, memfd=memfd, uid=os.geteuid(), gid=os.getegid(),
+        )
+        self.sinks.flush()
+        try:
+            self.pid = spawn(plan)
+        except BaseException:
+            for fd in (out.read, out.write, err.read, err.write, ctl.read, ctl.write, ans.read, ans.write, memfd):
+                os.close(fd)
+            raise
+        for fd in (out.write, err.write, ctl.write, ans.read):
+            os.close(fd)
+        self.out, self.err, self.ctl, self.ans = out.read, err.read, ctl.read, ans.write
+        self.decoders = {
+            out.read: (codecs.getincrementaldecoder("utf-8")("replace"), self.sinks.stdout),
+            err.read: (codecs.getincrementaldecoder("utf-8")("replace"), self.sinks.stderr),
+        }
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+            for fd in (self.out, self.err, self.ctl):
+                os.set_blocking(fd, False)
+            report = self._pump()
+            return rebuild(report, Unpacker(memfd), self.pid)
+        except KeyboardInterrupt:
+            self._stop(signal.SIGINT)
+            raise
+        except BaseException:
+            self._stop(signal.SIGKILL)
+            raise
+        finally:
+            self._flush_decoders()
+            self.sinks.flush()
+            for fd in (self.out, self.err, self.ctl, self.ans, memfd, self.pidfd):
+                if fd >= 0:
+                    os.close(fd)
+
+    # -- the pump ---------------------------------------------------------------------------
+
+    def _pump(self):
+        poller = select.poll()
+        for fd in (self.out, self.err, self.ctl, self.pidfd):
+            poller.register(fd, select.POLLIN)
+        while True:
+            wait_ms = -1
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    self._stop(signal.SIGINT)
+                    raise CellTimeout(
+                        f"the cell ran longer than its timeout of {self.timeout:g}s, so its child "
+                        f"(pid {self.pid}) and everything in its namespaces were killed"
+                    )
+                wait_ms = max(1, int(left * 1000))
+            events = poller.poll(wait_ms)
+            # Streams first: what the child wrote before a frame must be shown before it.
+            for fd, _ in sorted(events, key=lambda e: e[0] in (self.ctl, self.pidfd)):
+                if fd in self.decoders:
+                    if not self._read_stream(fd):
+                        poller.unregister(fd)
+                elif fd == self.ctl:
+                    data = self._read(self.ctl)
+                    if data == b"":
+                        poller.unregister(self.ctl)
+                        self.reader.eof()
+                        continue
+                    report = self._frames(data)
+                    if report is not None:
+                        return report
+                elif fd == self.pidfd:
+                    report = self._child_exited()
+                    if report is not None:
+                        return report
+
+    def _read(self, fd: int) -> bytes | None:
+        try:
+            return os.read(fd, _CHUNK)
+        except BlockingIOError:
+            return None
+
+    def _read_stream(self, fd: int) -> bool:
+        """Pass on what is in one stream pipe; False at end of file."""
+        data = self._read(fd)
+        if data is None:
+            return True
+        if not data:
+            return False
+        decoder, sink = self.decoders[fd]
+        text = decoder.decode(data)
+        if text:
+            sink(text)
+        return True
+
+    def _drain_streams(self) -> None:
+        for fd in list(self.decoders):
+            while True:
+                data = self._read(fd)
+                if not data:
+                    break
+                decoder, sink = self.decoders[fd]
+                text = decoder.decode(data)
+                if text:
+                    sink(text)
+
+    def _flush_decoders(self) -> None:
+        for decoder, sink in self.decoders.values():
+            text = decoder.decode(b"", final=True)
+            if text:
+                sink(text)
+
+    def _frames(self, data: bytes):
+        for kind, payload in self.reader.feed(data):
+            self._drain_streams()
+            if kind is Kind.DONE:
+                self._settle()
+                return protocol.load(payload)
+            if kind is Kind.SETUP_FAILED:
+                self._settle()
+                raise _setup_error(*protocol.parse_setup_record(payload))
+            if kind is Kind.DISPLAY:
+                msg = protocol.load(payload)
+                self.sinks.display(msg["data"], msg["metadata"], msg["transient"], msg["update"])
+            elif kind is Kind.CLEAR_OUTPUT:
+                self.sinks.clear_output(protocol.load(payload))
+            elif kind is Kind.INPUT:
+                self._answer(*protocol.load(payload))
+        return None
+
+    def _answer(self, prompt: str, password: bool) -> None:
+        self.sinks.flush()
+        try:
+            reply = (True, self.sinks.input(prompt, password))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            reply = (False, f"input() is not available here: {type(e).__name__}: {e}")
+        try:
+            protocol.send_obj(self.ans, Kind.ANSWER, reply)
+        except BrokenPipeError:
+            pass
+
+    def _child_exited(self):
+        """The pidfd fired. A report sent just before the exit is still in the pipe."""
+        while True:
+            data = self._read(self.ctl)
+            if not data:
+                break
+            report = self._frames(data)
+            if report is not None:
+                return report
+        self._drain_streams()
+        _, status = os.waitpid(self.pid, 0)
+        self.settled = True
+        raise ChildDied(self.pid, status)
+
+    def _settle(self) -> None:
+        """The child has said its last word: let the reaper wait for its teardown."""
+        if not self.settled:
+            self.settled = True
+            reaper.reap(self.pid)
+
+    # -- stopping -----------------------------------------------------------------------------
+
+    def _stop(self, first: int) -> None:
+        """Stop the child and everything in its namespaces, then reap it.
+
+        PID 1 of a PID namespace ignores signals it has no handler for, but the child keeps
+        Python's SIGINT handler, so SIGINT first lets the cell's ``finally`` blocks run; after
+        the grace period, SIGKILL, which always works and takes the whole namespace with it.
+        """
+        if self.settled or not self.pid:
+            return
+        self.settled = True
+        try:
+            if first == signal.SIGINT and self.grace > 0:
+                self._signal(signal.SIGINT)
+                if self._wait_exit(self.grace):
+                    return
+            self._signal(signal.SIGKILL)
+        except KeyboardInterrupt:  # interrupted again while waiting: no more grace
+            self._signal(signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            raise
+        os.waitpid(self.pid, 0)
+
+    def _signal(self, sig: int) -> None:
+        for target in (lambda: os.killpg(self.pid, sig), lambda: os.kill(self.pid, sig)):
+            try:
+                target()
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _wait_exit(self, seconds: float) -> bool:
+        """Wait for the child's exit, still passing on its output; reap it and say if it went."""
+        end = time.monotonic() + seconds
+        poller = select.poll()
+        for fd in (self.out, self.err, self.ctl, self.pidfd):
+            poller.register(fd, select.POLLIN)
+        while (left := end - time.monotonic()) > 0:
+            for fd, _ in poller.poll(max(1, int(left * 1000))):
+                if fd == self.pidfd:
+                    self._drain_streams()
+                    os.waitpid(self.pid, 0)
+                    return True
+                if fd in self.decoders:
+                    if not self._read_stream(fd):
+                        poller.unregister(fd)
+                elif fd == self.ctl and self._read(self.ctl) == b"":
+                    poller.unregister(self.ctl)
+        return False
+
+
+def _setup_error(step: str, err: int, message: str) -> Exception:
+    text = f"{step} failed: {message}"
+    exc = PrivilegeError(text) if err in (errno.EPERM, errno.EACCES) else SetupError(text)
+    exc.errno = err
+    return exc

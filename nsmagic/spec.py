@@ -1,0 +1,100 @@
+"""What a run asks for: which namespaces, and how they are set up.
+
+Everything is checked here, before any system call, so a request that cannot succeed never
+starts a child (bubblewrap's rule). The implications are unshare(1)'s: ``--map-root-user``
+implies a user namespace, ``--mount-proc`` a mount namespace, a hostname a UTS namespace, and a
+clock offset a time namespace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from .errors import OptionError
+from .syscalls import CloneFlag
+
+_FLAG_OF = {
+    "mount": CloneFlag.NEWNS,
+    "uts": CloneFlag.NEWUTS,
+    "ipc": CloneFlag.NEWIPC,
+    "net": CloneFlag.NEWNET,
+    "pid": CloneFlag.NEWPID,
+    "user": CloneFlag.NEWUSER,
+    "cgroup": CloneFlag.NEWCGROUP,
+    "time": CloneFlag.NEWTIME,
+}
+
+
+@dataclass
+class Namespaces:
+    """The namespaces a child gets, in unshare(1)'s terms.
+
+    Namespaces not asked for stay shared with the calling process, as with unshare(1).
+    ``Namespaces()`` asks for none: the child is then an ordinary fork, which is still useful
+    (the cell cannot change the kernel's variables).
+    """
+
+    mount: bool = False
+    uts: bool = False
+    ipc: bool = False
+    net: bool = False
+    pid: bool = False
+    user: bool = False
+    cgroup: bool = False
+    time: bool = False
+    #: Map uid and gid 0 inside to the caller's ids (``unshare -r``); implies ``user``.
+    map_root_user: bool = False
+    #: Mount a fresh ``/proc`` (``unshare --mount-proc``); implies ``mount``.
+    mount_proc: bool = False
+    #: Set this hostname inside; implies ``uts``.
+    hostname: str | None = None
+    #: Shift CLOCK_MONOTONIC by this many seconds inside; implies ``time``.
+    monotonic: float = 0.0
+    #: Shift CLOCK_BOOTTIME by this many seconds inside; implies ``time``.
+    boottime: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.map_root_user:
+            self.user = True
+        if self.mount_proc:
+            self.mount = True
+        if self.hostname is not None:
+            _check_hostname(self.hostname)
+            self.uts = True
+        if self.monotonic or self.boottime:
+            self.time = True
+
+    @classmethod
+    def from_flags(cls, flags: CloneFlag, **kw) -> "Namespaces":
+        """Build a request from ``CLONE_NEW*`` flags, for callers who think in clone(2)'s terms."""
+        return cls(**{name: bool(flags & flag) for name, flag in _FLAG_OF.items()}, **kw)
+
+    @property
+    def flags(self) -> CloneFlag:
+        """All the ``CLONE_NEW*`` flags this request creates."""
+        out = CloneFlag(0)
+        for name, flag in _FLAG_OF.items():
+            if getattr(self, name):
+                out |= flag
+        return out
+
+    def describe(self) -> str:
+        """A short unshare(1)-style spelling, for messages."""
+        letters = {"mount": "-m", "uts": "-u", "ipc": "-i", "net": "-n", "pid": "-p",
+                   "user": "-U", "cgroup": "-C", "time": "-T"}
+        parts = [letters[f.name] for f in fields(self) if f.name in letters and getattr(self, f.name)]
+        if self.map_root_user:
+            parts.append("-r")
+        if self.mount_proc:
+            parts.append("--mount-proc")
+        return " ".join(parts) or "(no namespaces)"
+
+
+def _check_hostname(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise OptionError("--hostname needs a non-empty name")
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 64:
+        raise OptionError(f"--hostname {name!r} is {len(raw)} bytes long; Linux allows at most 64")
+    if b"\0" in raw:
+        raise OptionError("--hostname cannot contain a NUL byte")

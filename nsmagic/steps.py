@@ -1,0 +1,125 @@
+"""The child's set-up checklist: each namespace step, in the order Linux needs them.
+
+Each step does nothing unless its option was asked for, and fails with a :class:`StepFailed`
+that names the system call and says what to do. All of them run before any of the cell's code.
+
+Order matters:
+
+1. ``unshare(CLONE_NEWUSER)`` first, alone, so that every other namespace is owned by it and a
+   refusal is blamed on the right thing; then the uid/gid maps (``deny`` to
+   ``/proc/self/setgroups`` before ``gid_map``, or an unprivileged write is refused).
+2. ``unshare`` of the remaining flags. CLONE_NEWPID only moves where *children* are born, which
+   is why the kernel does it itself just before fork() when it can (see :mod:`nsmagic.clone`);
+   with a user namespace it must be done here and followed by a second fork.
+3. The time namespace's clock offsets, which can only be written before any process enters it;
+   then this process enters it (setns on ``time_for_children``) unless a fork follows anyway.
+4. Inside (in the process that runs the cell): mounts made private before anything is mounted,
+   so nothing shows on the host; a fresh ``/proc``; the hostname.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from . import syscalls
+from .spec import Namespaces
+from .syscalls import CloneFlag
+
+
+class StepFailed(Exception):
+    def __init__(self, step: str, err: int, message: str):
+        super().__init__(f"{step}: {message}")
+        self.step, self.errno, self.message = step, err, message
+
+
+def enter_namespaces(spec: Namespaces, uid: int, gid: int, *, pid_done: bool) -> None:
+    """Steps 1 to 3, in the single-threaded child."""
+    flags = spec.flags
+    if spec.user:
+        _unshare(CloneFlag.NEWUSER, in_user_ns=False)
+        if spec.map_root_user:
+            _write_id_maps(uid, gid)
+    rest = flags & ~CloneFlag.NEWUSER
+    if pid_done:
+        rest &= ~CloneFlag.NEWPID
+    if rest:
+        _unshare(rest, in_user_ns=spec.user)
+    if spec.time:
+        _set_clock_offsets(spec.monotonic, spec.boottime)
+        if not (rest & CloneFlag.NEWPID):
+            _enter_own_time_namespace()
+
+
+def set_up_inside(spec: Namespaces) -> None:
+    """Step 4, in the process that will run the cell."""
+    if spec.mount:
+        _do("mount --make-rprivate /", syscalls.mount, None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+    if spec.mount_proc:
+        _do("mount -t proc proc /proc", syscalls.mount, "proc", "/proc", "proc",
+            syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
+    if spec.hostname is not None:
+        _do(f"sethostname({spec.hostname!r})", socket.sethostname, spec.hostname)
+
+
+def _unshare(flags: CloneFlag, *, in_user_ns: bool) -> None:
+    try:
+        syscalls.unshare(flags)
+    except OSError as e:
+        advice = syscalls.advice(flags, e.errno, in_user_ns)
+        raise StepFailed(f"unshare({flags.spelled()})", e.errno, f"{os.strerror(e.errno)}; {advice}") from None
+
+
+def _write_id_maps(uid: int, gid: int) -> None:
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"0 {uid} 1")
+    _write("/proc/self/gid_map", f"0 {gid} 1")
+
+
+def _set_clock_offsets(monotonic: float, boottime: float) -> None:
+    lines = []
+    for clock, offset in (("monotonic", monotonic), ("boottime", boottime)):
+        if offset:
+            secs = int(offset // 1)
+            nsecs = int(round((offset - secs) * 1e9))
+            lines.append(f"{clock} {secs} {nsecs}")
+    if lines:
+        _write("/proc/self/timens_offsets", "\n".join(lines))
+
+
+def _enter_own_time_namespace() -> None:
+    def enter():
+        fd = os.open("/proc/self/ns/time_for_children", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            syscalls.setns(fd, CloneFlag.NEWTIME)
+        finally:
+            os.close(fd)
+
+    _do("setns(time_for_children, CLONE_NEWTIME)", enter)
+
+
+def _write(path: str, text: str) -> None:
+    def write():
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    _do(f"write {text!r} to {path}", write)
+
+
+def _do(step: str, fn, *args) -> None:
+    try:
+        fn(*args)
+    except OSError as e:
+        err = e.errno or errno.EIO
+        hint = _HINTS.get(err, "")
+        raise StepFailed(step, err, f"{os.strerror(err)}{hint}") from None
+
+
+_HINTS = {
+    errno.EPERM: " (this needs privilege in the namespace; -r gives root inside a user namespace)",
+    errno.ERANGE: " (a clock offset would move the clock below zero)",
+}

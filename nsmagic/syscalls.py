@@ -1,0 +1,138 @@
+"""The Linux system calls nsmagic needs, and the words for what goes wrong with them.
+
+Python 3.12 grew ``os.unshare`` and ``os.setns``; 3.10 and 3.11 have neither, so they come from
+glibc through ctypes. glibc exports ``unshare``, ``setns``, ``mount`` and ``prctl`` as functions,
+which spares us per-architecture syscall numbers. libc is resolved once, at import, not per cell.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+class CloneFlag(enum.IntFlag):
+    """The ``CLONE_NEW*`` flags of clone(2), unshare(2) and setns(2)."""
+
+    NEWTIME = 0x00000080
+    NEWNS = 0x00020000
+    NEWCGROUP = 0x02000000
+    NEWUTS = 0x04000000
+    NEWIPC = 0x08000000
+    NEWUSER = 0x10000000
+    NEWPID = 0x20000000
+    NEWNET = 0x40000000
+
+    def spelled(self) -> str:
+        """``CLONE_NEWNET|CLONE_NEWPID``, as the man pages write it."""
+        return "|".join(f"CLONE_{f.name}" for f in CloneFlag if f in self) or "0"
+
+
+#: The name of each namespace's file under ``/proc/PID/ns``.
+NS_FILE = {
+    CloneFlag.NEWNS: "mnt",
+    CloneFlag.NEWUTS: "uts",
+    CloneFlag.NEWIPC: "ipc",
+    CloneFlag.NEWNET: "net",
+    CloneFlag.NEWPID: "pid",
+    CloneFlag.NEWUSER: "user",
+    CloneFlag.NEWCGROUP: "cgroup",
+    CloneFlag.NEWTIME: "time",
+}
+
+#: Words for each namespace in messages.
+NS_WORDS = {
+    CloneFlag.NEWNS: "mount",
+    CloneFlag.NEWUTS: "UTS (hostname)",
+    CloneFlag.NEWIPC: "IPC",
+    CloneFlag.NEWNET: "network",
+    CloneFlag.NEWPID: "PID",
+    CloneFlag.NEWUSER: "user",
+    CloneFlag.NEWCGROUP: "cgroup",
+    CloneFlag.NEWTIME: "time",
+}
+
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+PR_SET_PDEATHSIG = 1
+CAP_SYS_ADMIN = 21
+
+
+def _check(ret: int, what: str) -> None:
+    if ret == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what} failed: {os.strerror(err)}")
+
+
+def unshare(flags: CloneFlag) -> None:
+    if hasattr(os, "unshare"):
+        try:
+            os.unshare(int(flags))
+        except OSError as e:
+            raise OSError(e.errno, f"unshare({CloneFlag(flags).spelled()}) failed: {e.strerror}") from None
+        return
+    _check(_libc.unshare(int(flags)), f"unshare({CloneFlag(flags).spelled()})")
+
+
+def setns(fd: int, nstype: CloneFlag | int = 0) -> None:
+    if hasattr(os, "setns"):
+        os.setns(fd, int(nstype))
+        return
+    _check(_libc.setns(fd, int(nstype)), f"setns({CloneFlag(nstype).spelled()})")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+    enc = lambda s: None if s is None else os.fsencode(s)  # noqa: E731
+    ret = _libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data))
+    _check(ret, f"mount({source!r}, {target!r}, {fstype!r})")
+
+
+def set_parent_death_signal(sig: int) -> None:
+    _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def has_capability(cap: int) -> bool:
+    """Whether this process has *cap* in its effective set (from ``/proc/self/status``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
+def advice(flags: CloneFlag, err: int, in_user_ns: bool) -> str:
+    """What a student should do when creating the namespaces in *flags* failed with *err*."""
+    words = ", ".join(NS_WORDS[f] for f in CloneFlag if f in flags and f in NS_WORDS)
+    kind = "namespace" if "," not in words else "namespaces"
+    if err in (errno.EPERM, errno.EACCES):
+        if CloneFlag.NEWUSER in flags or in_user_ns:
+            return (
+                f"creating {words} {kind} was refused even inside a user namespace: user "
+                "namespaces may be disabled or restricted on this machine (see "
+                "/proc/sys/user/max_user_namespaces, the sysctl kernel.unprivileged_userns_clone, "
+                "or AppArmor's kernel.apparmor_restrict_unprivileged_userns); %nsinfo shows which"
+            )
+        return (
+            f"creating {words} {kind} needs CAP_SYS_ADMIN, which this kernel "
+            f"(uid {os.geteuid()}) does not have; add -r (--map-root-user) to create "
+            f"{'it' if kind == 'namespace' else 'them'} inside a new user namespace, as unshare -r does"
+        )
+    if err == errno.ENOSPC:
+        files = ", ".join(f"/proc/sys/user/max_{NS_FILE[f]}_namespaces" for f in CloneFlag if f in flags)
+        return f"the limit on {words} {kind} is reached (see {files}); end other containers or raise the limit"
+    if err == errno.EINVAL:
+        return f"this Linux kernel does not support {words} {kind} (or not in this combination)"
+    if err == errno.EUSERS:
+        return "user namespaces are nested too deeply (the limit is 32)"
+    return os.strerror(err)
