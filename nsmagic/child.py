@@ -25,7 +25,7 @@ from .outcome import Outcome, make_report
 from .protocol import Kind
 from .spec import Namespaces
 from .syscalls import set_parent_death_signal
-from .values import Packer
+from .values import Packer, snapshot
 
 #: Exit statuses of a child that could not even report (seen only if reporting itself failed).
 EXIT_SETUP_FAILED = 121
@@ -48,6 +48,8 @@ class Plan:
     memfd: int
     uid: int
     gid: int
+    #: The namespace the job's code runs in, whose classes and functions travel back by reference.
+    namespace: dict | None = None
 
 
 class Channel:
@@ -67,15 +69,22 @@ class Channel:
 
     def display(self, data: dict, metadata: dict | None = None, transient: dict | None = None,
                 update: bool = False) -> None:
-        """Publish display data; streams are flushed first so the notebook keeps the order."""
+        """Publish display data in its place among the streams.
+
+        Stream bytes and frames travel through different pipes, so the child flushes, sends the
+        frame and waits for the kernel's acknowledgement: the kernel has then passed on every
+        byte written before the frame and none written after it.
+        """
         self.flush()
         protocol.send_obj(self.control, Kind.DISPLAY, {
             "data": data, "metadata": metadata or {}, "transient": transient or {}, "update": update,
         })
+        protocol.recv_blocking(self.answers)
 
     def clear_output(self, wait: bool = False) -> None:
         self.flush()
         protocol.send_obj(self.control, Kind.CLEAR_OUTPUT, bool(wait))
+        protocol.recv_blocking(self.answers)
 
     def ask(self, prompt: str = "", password: bool = False) -> str:
         """Ask the notebook for a line of input, through the kernel's own stdin channel."""
@@ -172,8 +181,9 @@ def _become_middle_or_worker(plan: Plan) -> None:
 
 def _work(plan: Plan) -> int:
     channel = Channel(plan.control, plan.answers)
+    kept = snapshot(plan.namespace)
     outcome = plan.job(channel)
-    report = make_report(outcome, plan.outputs, Packer(plan.memfd))
+    report = make_report(outcome, plan.outputs, Packer(plan.memfd, kept))
     channel.flush()
     protocol.send_obj(plan.control, Kind.DONE, report)
     return 0

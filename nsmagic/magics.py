@@ -167,7 +167,8 @@ class InNamespaceMagics(Magics):
         timeout = args.timeout or self.default_timeout or None
         job = cell_job(self.shell, code, shown_source=shown_source, line_offset=line_offset)
         result = runner.execute(job, spec, outputs=outputs, timeout=timeout,
-                                sinks=NotebookSinks(), grace=self.grace_period)
+                                sinks=NotebookSinks(), grace=self.grace_period,
+                                namespace=self.shell.user_ns)
         if result.values:
             self.shell.push(result.values)
         result.raise_for_errors()

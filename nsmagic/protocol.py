@@ -36,7 +36,8 @@ class Kind(enum.IntEnum):
     INPUT = 4
     #: Child to kernel: the cell is over; the report (see :mod:`nsmagic.outcome`).
     DONE = 5
-    #: Kernel to child: the answer to INPUT: (ok, text or reason).
+    #: Kernel to child: the answer to INPUT: (ok, text or reason); empty after DISPLAY and
+    #: CLEAR_OUTPUT, to say they are shown.
     ANSWER = 6
 
 
@@ -47,8 +48,12 @@ def send(fd: int, kind: Kind, payload: bytes = b"") -> None:
         view = view[os.write(fd, view):]
 
 
+def dumps(obj) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def send_obj(fd: int, kind: Kind, obj) -> None:
-    send(fd, kind, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    send(fd, kind, dumps(obj))
 
 
 def load(payload: bytes):

@@ -93,12 +93,14 @@ def execute(
     timeout: float | None = None,
     sinks: Sinks | None = None,
     grace: float = 1.0,
+    namespace: dict | None = None,
 ) -> Result:
     """Run *job* in a forked child with the namespaces of *spec* and bring back what it made.
 
     The job is any callable; it is called in the child (a copy-on-write copy of this process,
     so it can use everything defined so far) with a :class:`~nsmagic.child.Channel` and returns
-    an :class:`~nsmagic.outcome.Outcome`. Raises :class:`PrivilegeError` or :class:`SetupError`
+    an :class:`~nsmagic.outcome.Outcome`. Classes and functions of *namespace* (the job's
+    globals) come back by reference, as the kernel's own objects. Raises :class:`PrivilegeError` or :class:`SetupError`
     if the namespaces could not be made, :class:`ChildDied` if the child ended without a report,
     :class:`CellTimeout` after *timeout* seconds, and ``KeyboardInterrupt`` if interrupted; in
     each case the child and everything in its namespaces have been killed and reaped.
@@ -109,7 +111,7 @@ def execute(
     if timeout is not None and not timeout > 0:
         raise OptionError(f"timeout must be a positive number of seconds, not {timeout!r}")
     check_privileges(spec)
-    return _Run(job, spec, outputs, timeout, sinks or Sinks(), grace).run()
+    return _Run(job, spec, outputs, timeout, sinks or Sinks(), grace, namespace).run()
 
 
 def run(func: Callable, *args, namespaces: Namespaces | None = None, timeout: float | None = None,
@@ -119,7 +121,8 @@ def run(func: Callable, *args, namespaces: Namespaces | None = None, timeout: fl
     An exception raised by *func* is raised here as itself, with the child's traceback as its
     ``__cause__``. Output the child prints goes to this process's ``sys.stdout``/``sys.stderr``.
     """
-    result = execute(lambda channel: capture(func, *args, **kwargs), namespaces, timeout=timeout)
+    result = execute(lambda channel: capture(func, *args, **kwargs), namespaces, timeout=timeout,
+                     namespace=getattr(func, "__globals__", None))
     result.raise_for_errors()
     return result.value
 
@@ -136,7 +139,7 @@ def run_code(code: str, namespaces: Namespaces | None = None, *, globals: dict |
     namespace = {} if globals is None else globals
     namespace.setdefault("__name__", "__main__")
     result = execute(lambda channel: source.run_source(code, namespace, filename=filename),
-                     namespaces, outputs=outputs, timeout=timeout)
+                     namespaces, outputs=outputs, timeout=timeout, namespace=namespace)
     result.raise_for_errors()
     return result
 
@@ -155,8 +158,10 @@ def _pipe() -> _Pipe:
 class _Run:
     """One child, from fork to reaping."""
 
-    def __init__(self, job, spec: Namespaces, outputs: list[str], timeout, sinks: Sinks, grace: float):
+    def __init__(self, job, spec: Namespaces, outputs: list[str], timeout, sinks: Sinks, grace: float,
+                 namespace: dict | None):
         self.spec, self.outputs, self.sinks, self.grace = spec, outputs, sinks, grace
+        self.namespace = namespace
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timeout = timeout
         self.job = job
@@ -173,6 +178,7 @@ class _Run:
             spec=self.spec, job=self.job, outputs=self.outputs, kernel_pid=os.getpid(),
             pid_done=pid_namespace_in_kernel(self.spec), stdout=out.write, stderr=err.write,
             control=ctl.write, answers=ans.read, memfd=memfd, uid=os.geteuid(), gid=os.getegid(),
+            namespace=self.namespace,
         )
         self.sinks.flush()
         try:
@@ -193,7 +199,7 @@ class _Run:
             for fd in (self.out, self.err, self.ctl):
                 os.set_blocking(fd, False)
             report = self._pump()
-            return rebuild(report, Unpacker(memfd), self.pid)
+            return rebuild(report, Unpacker(memfd, self.namespace), self.pid)
         except KeyboardInterrupt:
             self._stop(signal.SIGINT)
             raise
@@ -292,8 +298,10 @@ class _Run:
             if kind is Kind.DISPLAY:
                 msg = protocol.load(payload)
                 self.sinks.display(msg["data"], msg["metadata"], msg["transient"], msg["update"])
+                self._reply(b"")
             elif kind is Kind.CLEAR_OUTPUT:
                 self.sinks.clear_output(protocol.load(payload))
+                self._reply(b"")
             elif kind is Kind.INPUT:
                 self._answer(*protocol.load(payload))
         return None
@@ -306,9 +314,12 @@ class _Run:
             raise
         except Exception as e:
             reply = (False, f"input() is not available here: {type(e).__name__}: {e}")
+        self._reply(protocol.dumps(reply))
+
+    def _reply(self, payload: bytes) -> None:
         try:
-            protocol.send_obj(self.ans, Kind.ANSWER, reply)
-        except BrokenPipeError:
+            protocol.send(self.ans, Kind.ANSWER, payload)
+        except BrokenPipeError:  # the child is gone; its exit is noticed by the pidfd
             pass
 
     def _child_exited(self):

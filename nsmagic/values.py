@@ -6,14 +6,23 @@ go out of band: the child writes them into a memfd that the kernel created befor
 the kernel maps that file copy-on-write, so a 100 MB array is copied once (into the memfd) and
 never again. Only a small index travels through the pipe. The mapping lives as long as any
 value that was built on it.
+
+Classes and functions that the kernel already had when the child was forked travel by
+reference, not by value: an exception of a class defined in the notebook must come back as an
+instance of *that* class, or ``except TutorialError`` would not catch it.
 """
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import pickle
+import threading
+import types
 from dataclasses import dataclass, field
+
+import cloudpickle
 
 #: Buffers and pickles at least this large go through the memfd, not the pipe.
 OUT_OF_BAND = 64 * 1024
@@ -29,12 +38,41 @@ class Packed:
     buffers: list[tuple[int, int]] = field(default_factory=list)
 
 
+def snapshot(namespace: dict | None) -> dict[int, tuple[str, object]]:
+    """The classes and functions of *namespace*, taken in the child before any user code runs,
+    when they are still exactly the kernel's."""
+    if not namespace:
+        return {}
+    return {id(v): (k, v) for k, v in list(namespace.items())
+            if isinstance(v, (type, types.FunctionType)) and not k.startswith("__")}
+
+
+_kernel_namespace = threading.local()
+
+
+def _from_kernel(name: str):
+    return _kernel_namespace.ns[name]
+
+
+class _Pickler(cloudpickle.Pickler):
+    def __init__(self, file, kept, buffer_callback):
+        super().__init__(file, protocol=5, buffer_callback=buffer_callback)
+        self.kept = kept
+
+    def reducer_override(self, obj):
+        entry = self.kept.get(id(obj))
+        if entry is not None and entry[1] is obj:
+            return _from_kernel, (entry[0],)
+        return super().reducer_override(obj)
+
+
 class Packer:
     """The child's side: pickles values, putting large pieces into the shared memfd."""
 
-    def __init__(self, memfd: int):
+    def __init__(self, memfd: int, kept: dict | None = None):
         self.fd = memfd
         self.end = 0
+        self.kept = kept or {}
 
     def _put(self, data) -> tuple[int, int]:
         start = -(-self.end // _ALIGN) * _ALIGN
@@ -47,8 +85,6 @@ class Packer:
         return start, offset - start
 
     def pack(self, obj) -> Packed:
-        import cloudpickle
-
         spans: list[tuple[int, int]] = []
 
         def out_of_band(buf: pickle.PickleBuffer) -> bool:
@@ -61,7 +97,9 @@ class Packer:
             spans.append(self._put(raw))
             return False
 
-        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+        file = io.BytesIO()
+        _Pickler(file, self.kept, out_of_band).dump(obj)
+        data = file.getvalue()
         if len(data) >= OUT_OF_BAND:
             return Packed(None, self._put(data), spans)
         return Packed(data, None, spans)
@@ -70,8 +108,9 @@ class Packer:
 class Unpacker:
     """The kernel's side: maps the memfd once, lazily, and rebuilds values on it."""
 
-    def __init__(self, memfd: int):
+    def __init__(self, memfd: int, namespace: dict | None = None):
         self.fd = memfd
+        self.namespace = namespace or {}
         self._view: memoryview | None = None
 
     def _map(self) -> memoryview:
@@ -88,4 +127,8 @@ class Unpacker:
             start, length = packed.span
             data = self._map()[start:start + length]
         buffers = [self._map()[s:s + n] for s, n in packed.buffers]
-        return pickle.loads(data, buffers=buffers)
+        _kernel_namespace.ns = self.namespace
+        try:
+            return pickle.loads(data, buffers=buffers)
+        finally:
+            _kernel_namespace.ns = None

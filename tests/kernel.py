@@ -138,6 +138,13 @@ class Kernel:
         cell = self.execute(f"print(repr({expr}))").ok()
         return ast.literal_eval(cell.stdout.strip())
 
+    def value_in(self, options: str, expr: str):
+        """Evaluate *expr* in a ``%%innamespace OPTIONS`` cell and return it as a literal."""
+        import ast
+
+        cell = self.execute(f"%%innamespace {options}\nprint(repr({expr}))").ok()
+        return ast.literal_eval(cell.stdout.strip())
+
     def shutdown(self) -> None:
         self.kc.stop_channels()
         self.km.shutdown_kernel(now=True)

@@ -1,0 +1,313 @@
+"""What a namespaced cell looks like in a notebook: streams, results, errors, crashes, values,
+options, interrupts and timeouts, all through a real kernel's messages."""
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def wait_gone(pids, seconds=5.0) -> list[int]:
+    """The pids of *pids* still present (not even as zombies) after *seconds*."""
+    end = time.monotonic() + seconds
+    alive = list(pids)
+    while alive and time.monotonic() < end:
+        alive = [p for p in alive if psutil.pid_exists(p)]
+        time.sleep(0.05)
+    return alive
+
+
+# -- output ---------------------------------------------------------------------------------
+
+def test_output_streams_live_without_flush(kernel):
+    cell = kernel.execute("%%innamespace -n -p\nimport time\nprint('first')\ntime.sleep(2)\nprint('second')").ok()
+    streams = [m for m in cell.of_type("stream") if m["content"]["name"] == "stdout"]
+    first = next(m for m in streams if "first" in m["content"]["text"])
+    second = next(m for m in streams if "second" in m["content"]["text"])
+    assert second["received"] - first["received"] >= 1.5
+
+
+def test_fd_level_output_of_subprocesses_in_order(kernel):
+    cell = kernel.execute("""%%innamespace -n
+import os, subprocess
+print('one')
+os.system('echo two')
+subprocess.run(['echo', 'three'])
+!echo four
+print('five')""").ok()
+    assert cell.stdout.replace("\r\n", "\n").split() == ["one", "two", "three", "four", "five"]
+
+
+def test_stderr_is_its_own_stream(kernel):
+    cell = kernel.execute("%%innamespace -n\nimport sys, os\nprint('to err', file=sys.stderr)\nos.system('echo fd2 >&2')").ok()
+    assert cell.stderr.split() == ["to", "err", "fd2"]
+    assert cell.stdout == ""
+
+
+def test_invalid_utf8_is_replaced(kernel):
+    cell = kernel.execute("%%innamespace\nimport os\nos.write(1, b'ok \\xff\\xfe end\\n')").ok()
+    assert cell.stdout == "ok \ufffd\ufffd end\n"
+
+
+def test_multibyte_character_split_across_writes(kernel):
+    cell = kernel.execute("%%innamespace\nimport os\nb = 'é€'.encode()\nfor i in range(len(b)):\n    os.write(1, b[i:i+1])").ok()
+    assert cell.stdout == "é€"
+
+
+# -- results --------------------------------------------------------------------------------
+
+def test_final_expression_is_the_cell_result(kernel):
+    cell = kernel.execute("%%innamespace -n -p\nimport os\nos.getpid() * 42").ok()
+    assert cell.result == {"text/plain": "42"}
+    assert kernel.value("_") == 42
+
+
+def test_semicolon_hides_the_result(kernel):
+    cell = kernel.execute("%%innamespace -n\n6 * 7;").ok()
+    assert cell.result is None
+
+
+def test_unpicklable_result_is_shown_as_the_child_shows_it(kernel):
+    cell = kernel.execute("%%innamespace\n(i for i in range(3))").ok()
+    assert cell.result["text/plain"].startswith("<generator object")
+
+
+def test_line_magic_keeps_code_verbatim(kernel):
+    cell = kernel.execute('%innamespace -u --hostname  two-spaces   "a  b" + __import__("socket").gethostname()').ok()
+    assert cell.result == {"text/plain": "'a  btwo-spaces'"}
+
+
+def test_magics_and_shell_escapes_work_inside(kernel):
+    kernel_cwd = kernel.value("__import__('os').getcwd()")
+    cell = kernel.execute("%%innamespace -m\n%cd /tmp\nimport os\nfiles = !ls /\nprint(os.getcwd(), 'proc' in files)").ok()
+    assert cell.stdout.strip().endswith("/tmp True")
+    assert kernel.value("__import__('os').getcwd()") == kernel_cwd
+
+
+def test_child_sees_kernel_state_but_cannot_change_it(kernel):
+    kernel.execute("shared = [1, 2, 3]\ndef double(x): return 2 * x").ok()
+    cell = kernel.execute("%%innamespace -n\nshared.append(4)\nprint(double(len(shared)))").ok()
+    assert cell.stdout.strip() == "8"
+    assert kernel.value("shared") == [1, 2, 3]
+
+
+def test_display_data_reaches_the_notebook(kernel):
+    cell = kernel.execute("""%%innamespace -n
+from IPython.display import HTML, display
+print('before')
+display(HTML('<b>bold</b>'))
+print('after')""").ok()
+    kinds = [(m["msg_type"], m["content"].get("text") or m["content"].get("data")) for m in cell.messages
+             if m["msg_type"] in ("stream", "display_data")]
+    assert kinds == [("stream", "before\n"),
+                     ("display_data", {"text/html": "<b>bold</b>", "text/plain": "<IPython.core.display.HTML object>"}),
+                     ("stream", "after\n")]
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+def test_exception_fails_cell_with_its_own_class_and_line(kernel):
+    cell = kernel.execute("%%innamespace -n\nx = 1\ny = 0\nx / y")
+    assert (cell.status, cell.ename, cell.evalue) == ("error", "ZeroDivisionError", "division by zero")
+    assert "line 4" in cell.traceback and "x / y" in cell.traceback
+
+
+def test_exception_can_be_caught_by_code_running_the_magic(kernel):
+    kernel.execute("class TutorialError(Exception): pass").ok()
+    cell = kernel.execute("""try:
+    get_ipython().run_cell_magic('innamespace', '-n', 'raise TutorialError("inside")')
+except TutorialError as e:
+    print('caught', type(e).__name__, e)""").ok()
+    assert cell.stdout.strip() == "caught TutorialError inside"
+
+
+@pytest.mark.parametrize("code, words", [
+    ("import os; os._exit(3)", "exited with status 3"),
+    ("import ctypes; ctypes.string_at(0)", "signal 11 (SIGSEGV, segmentation fault)"),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "signal 9 (SIGKILL, killed)"),
+])
+def test_child_that_dies_fails_the_cell_and_kernel_lives(kernel, code, words):
+    kernel.execute("computed_before = 41").ok()
+    # Not -p: PID 1 of a PID namespace cannot even SIGKILL itself.
+    cell = kernel.execute(f"%%innamespace -n\nprint('started')\n{code}")
+    assert cell.ename == "ChildDied"
+    assert words in cell.evalue
+    assert "started" in cell.stdout
+    assert len(cell.traceback.splitlines()) == 1, "one-line message, no deep traceback"
+    assert kernel.value("computed_before + 1") == 42
+
+
+# -- values back (-o) -----------------------------------------------------------------------
+
+def test_out_values_arrive_in_the_kernel(kernel):
+    kernel.execute("%%innamespace -n -p -o pid_inside,ifaces -o square\nimport os, socket\n"
+                   "pid_inside = os.getpid()\nifaces = socket.if_nameindex()\ndef square(v): return v * v").ok()
+    assert kernel.value("(pid_inside, ifaces, square(7))") == (1, [(1, "lo")], 49)
+
+
+def test_large_buffer_comes_back_intact_and_writable(kernel):
+    cell = kernel.execute("%%innamespace -u -o blob\nblob = bytearray(range(256)) * (40 * 4096)").ok()
+    assert cell.status == "ok"
+    assert kernel.value("(len(blob), bytes(blob[:3]), blob[-1])") == (256 * 40 * 4096, b"\x00\x01\x02", 255)
+    kernel.execute("blob[0] = 7").ok()
+    assert kernel.value("blob[0]") == 7
+
+
+def test_unpicklable_and_missing_values_are_named_and_others_arrive(kernel):
+    kernel.execute("good = None").ok()
+    cell = kernel.execute("%%innamespace -n -o good,gen,nowhere\ngood = 'arrived'\ngen = (i for i in range(3))")
+    assert cell.ename == "OutputError"
+    assert "'gen'" in cell.evalue and "generator" in cell.evalue
+    assert "'nowhere'" in cell.evalue and "not defined" in cell.evalue
+    assert kernel.value("good") == "arrived"
+
+
+def test_values_assigned_before_an_exception_still_arrive(kernel):
+    cell = kernel.execute("%%innamespace -n -o partial\npartial = 'kept'\nraise RuntimeError('later')")
+    assert cell.ename == "RuntimeError"
+    assert kernel.value("partial") == "kept"
+
+
+# -- options --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, words", [
+    ("--bogus", "unrecognized arguments: --bogus"),
+    ("--timeout -1", "positive number of seconds"),
+    ("--timeout soon", "not a number of seconds"),
+    ("-o 1abc", "'1abc' is not a Python variable name"),
+    ("--hostname " + "h" * 65, "at most 64"),
+    ("-n extra words", "unexpected arguments"),
+])
+def test_bad_options_are_usage_errors_and_never_run_the_body(kernel, tmp_path, options, words):
+    marker = tmp_path / "ran"
+    cell = kernel.execute(f"%%innamespace {options}\nopen({str(marker)!r}, 'w').write('x')")
+    assert cell.ename == "UsageError"
+    assert words in cell.evalue
+    assert not marker.exists()
+
+
+def test_fork_flag_is_accepted_like_unshare(kernel):
+    assert kernel.value_in("-fp", "__import__('os').getpid()") == 1
+
+
+def test_configurable_default_options(kernel):
+    kernel.execute("%config InNamespaceMagics.default_options = '-p'").ok()
+    try:
+        assert kernel.value_in("", "__import__('os').getpid()") == 1
+    finally:
+        kernel.execute("%config InNamespaceMagics.default_options = ''").ok()
+    assert kernel.value_in("", "__import__('os').getpid()") != 1
+
+
+# -- interrupts and timeouts ----------------------------------------------------------------
+
+def _start_sleeper(k, options: str, body: str = "time.sleep(60)") -> str:
+    msg_id = k.kc.execute(f"%%innamespace {options}\nimport os, subprocess, time\n"
+                          "helper = subprocess.Popen(['sleep', '600'])\n"
+                          f"print('started', flush=True)\n{body}")
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        msg = k.kc.iopub_channel.get_msg(timeout=20)
+        if msg["parent_header"].get("msg_id") == msg_id and "started" in msg["content"].get("text", ""):
+            return msg_id
+    raise AssertionError("the cell never started")
+
+
+def _finish(k, msg_id):
+    while True:
+        reply = k.kc.shell_channel.get_msg(timeout=30)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply["content"]
+
+
+@pytest.mark.parametrize("options", ["-n", "-n -p --mount-proc", "-r -p"])
+def test_interrupt_kills_child_and_everything_in_its_namespace(fresh_kernel, options):
+    msg_id = _start_sleeper(fresh_kernel, options)
+    victims = [p.pid for p in descendants(fresh_kernel.pid)]
+    assert len(victims) >= 2, "the child and its sleep"
+    t0 = time.monotonic()
+    fresh_kernel.km.interrupt_kernel()
+    reply = _finish(fresh_kernel, msg_id)
+    assert reply["ename"] == "KeyboardInterrupt"
+    assert time.monotonic() - t0 < 10
+    assert wait_gone(victims) == []
+    assert fresh_kernel.value("1 + 1") == 2
+
+
+def test_interrupt_kills_a_cell_that_ignores_sigint(fresh_kernel):
+    msg_id = _start_sleeper(fresh_kernel, "-p", "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)")
+    victims = [p.pid for p in descendants(fresh_kernel.pid)]
+    fresh_kernel.km.interrupt_kernel()
+    assert _finish(fresh_kernel, msg_id)["ename"] == "KeyboardInterrupt"
+    assert wait_gone(victims) == []
+
+
+def test_timeout_kills_child_and_says_so(kernel):
+    t0 = time.monotonic()
+    cell = kernel.execute("%%innamespace -p --timeout 1\nimport subprocess, time\n"
+                          "subprocess.Popen(['sleep', '600'])\nprint('working')\ntime.sleep(60)")
+    elapsed = time.monotonic() - t0
+    assert cell.ename == "CellTimeout"
+    assert "timeout of 1s" in cell.evalue
+    assert "working" in cell.stdout
+    assert elapsed < 1 + 1 + 5  # timeout + grace + slack
+    assert [p for p in descendants(kernel.pid) if p.name() == "sleep"] == []
+
+
+def test_finally_blocks_run_on_interrupt(fresh_kernel):
+    msg_id = fresh_kernel.kc.execute("%%innamespace -p\nimport time\ntry:\n    print('in', flush=True)\n"
+                                     "    time.sleep(60)\nfinally:\n    print('cleaned up', flush=True)")
+    texts = []
+    while not any("in" in t for t in texts):
+        msg = fresh_kernel.kc.iopub_channel.get_msg(timeout=20)
+        texts.append(msg["content"].get("text", ""))
+    fresh_kernel.km.interrupt_kernel()
+    _finish(fresh_kernel, msg_id)
+    end = time.monotonic() + 5
+    while time.monotonic() < end and not any("cleaned up" in t for t in texts):
+        try:
+            texts.append(fresh_kernel.kc.iopub_channel.get_msg(timeout=1)["content"].get("text", ""))
+        except Exception:
+            pass
+    assert any("cleaned up" in t for t in texts)
+
+
+# -- input ----------------------------------------------------------------------------------
+
+def test_input_is_answered_through_the_notebook(kernel):
+    cell = kernel.execute("%%innamespace -n\nname = input('who? ')\nprint('hello', name)",
+                          stdin=lambda prompt: "student" if prompt == "who? " else "?").ok()
+    assert "hello student" in cell.stdout
+
+
+def test_input_without_a_frontend_fails_at_once(kernel):
+    t0 = time.monotonic()
+    cell = kernel.execute("%%innamespace -n\ninput('who? ')")
+    assert cell.ename == "EOFError"
+    assert "input() is not available" in cell.evalue
+    assert time.monotonic() - t0 < 10
+
+
+def test_no_zombie_after_cells(kernel):
+    for options in ("-n", "-p", "-r -p", ""):
+        kernel.execute(f"%%innamespace {options}\npass").ok()
+    time.sleep(0.5)
+    zombies = [p for p in descendants(kernel.pid) if p.status() == psutil.STATUS_ZOMBIE]
+    assert zombies == []
+
+
+def test_signal_names_are_in_our_words():
+    from nsmagic.errors import ChildDied
+
+    assert "SIGSEGV" in str(ChildDied(1, signal.SIGSEGV))
+    assert "status 3" in str(ChildDied(1, 3 << 8))
+    assert os.waitstatus_to_exitcode(3 << 8) == 3
