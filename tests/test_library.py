@@ -1,0 +1,93 @@
+"""The library under the magic, used from plain Python (this pytest process), no IPython."""
+
+import os
+import socket
+import time
+
+import pytest
+
+from nsmagic import (CellTimeout, ChildDied, Namespaces, OutputError, Result, Sinks, execute, run,
+                     run_code)
+from nsmagic.outcome import Outcome
+
+
+def test_run_returns_the_functions_value_from_fresh_namespaces():
+    pid, host, ifaces, net = run(lambda: (os.getpid(), socket.gethostname(), socket.if_nameindex(),
+                                          os.readlink("/proc/self/ns/net")),
+                                 namespaces=Namespaces(pid=True, net=True, hostname="lib-box"))
+    assert (pid, host, ifaces) == (1, "lib-box", [(1, "lo")])
+    assert net != os.readlink("/proc/self/ns/net")
+    assert socket.gethostname() != "lib-box"
+
+
+class LibraryError(Exception):
+    pass
+
+
+def _fail():
+    raise LibraryError("from the child")
+
+
+def test_run_raises_the_functions_exception_as_itself_with_child_traceback():
+    with pytest.raises(LibraryError, match="from the child") as info:
+        run(_fail, namespaces=Namespaces(net=True))
+    assert "_fail" in str(info.value.__cause__)
+    assert "raise LibraryError" in str(info.value.__cause__)
+
+
+def test_run_code_returns_final_expression_and_outputs():
+    result = run_code("import os\nx = os.getpid()\ny = [x] * 3\nx + 41", Namespaces(pid=True), outputs=["y"])
+    assert isinstance(result, Result)
+    assert (result.value, result.values) == (42, {"y": [1, 1, 1]})
+
+
+def test_run_code_globals_are_seen_but_not_changed():
+    env = {"items": [1, 2]}
+    assert run_code("items.append(3)\nlen(items)", globals=env).value == 3
+    assert env["items"] == [1, 2]
+
+
+def test_run_code_missing_output_raises_after_others_arrive():
+    with pytest.raises(OutputError, match="'absent'") as info:
+        run_code("present = 1", outputs=["present", "absent"])
+    assert info.value.arrived == ["present"]
+
+
+def test_child_death_is_reported_with_its_status():
+    with pytest.raises(ChildDied, match="exited with status 7"):
+        run(os._exit, 7)
+
+
+def test_timeout_kills_the_whole_pid_namespace():
+    t0 = time.monotonic()
+    with pytest.raises(CellTimeout, match="timeout of 0.5s"):
+        run(time.sleep, 60, namespaces=Namespaces(pid=True), timeout=0.5)
+    assert time.monotonic() - t0 < 0.5 + 1 + 3
+
+
+def test_execute_with_own_sinks_and_job():
+    class Collect(Sinks):
+        def __init__(self):
+            self.out, self.shown = [], []
+
+        def stdout(self, text):
+            self.out.append(text)
+
+        def display(self, data, metadata, transient, update):
+            self.shown.append(data)
+
+    def job(channel):
+        print("streamed")
+        channel.display({"text/plain": "shown"})
+        return Outcome(value=os.getpid())
+
+    sinks = Collect()
+    result = execute(job, Namespaces(pid=True), sinks=sinks)
+    assert result.value == 1 and "".join(sinks.out) == "streamed\n" and sinks.shown == [{"text/plain": "shown"}]
+
+
+def test_nested_run_inside_a_child():
+    """A child is single-threaded, so it may itself make user namespaces directly."""
+    inner = run(lambda: run(lambda: (os.getuid(), os.getpid()), namespaces=Namespaces(user=True, pid=True)),
+                namespaces=Namespaces(pid=True))
+    assert inner == (65534, 1)

@@ -1,0 +1,55 @@
+"""nsmagic in a kernel run by an unprivileged user, as students often run JupyterLab."""
+
+import pytest
+
+pytestmark = pytest.mark.rootless
+
+
+@pytest.fixture(scope="module")
+def student(rootless_kernel):
+    rootless_kernel.execute("%load_ext nsmagic\nimport os, socket").ok()
+    return rootless_kernel
+
+
+def test_net_without_user_namespace_fails_with_advice(student):
+    cell = student.execute("%%innamespace --net\nprint('body ran')")
+    assert cell.ename == "PrivilegeError"
+    assert "CAP_SYS_ADMIN" in cell.evalue and "-r" in cell.evalue and "network" in cell.evalue
+    assert "body ran" not in cell.stdout
+    assert len(cell.traceback.splitlines()) == 1
+
+
+def test_map_root_user_with_net_works_as_root_inside(student):
+    inside = student.value_in("-r --net", "(os.getuid(), os.getgid(), socket.if_nameindex())")
+    assert inside == (0, 0, [(1, "lo")])
+    assert student.value("os.getuid()") == student.user.pw_uid
+
+
+def test_map_root_user_maps_to_the_students_ids(student):
+    uid_map = student.value_in("-r", "open('/proc/self/uid_map').read().split()")
+    gid_map = student.value_in("-r", "open('/proc/self/gid_map').read().split()")
+    assert uid_map == ["0", str(student.user.pw_uid), "1"]
+    assert gid_map == ["0", str(student.user.pw_gid), "1"]
+
+
+def test_rootless_container_pid_mount_proc_uts(student):
+    cell = student.execute("""%%innamespace -r -p -n -u -i --mount-proc --hostname student-box
+print(os.getpid(), socket.gethostname(), sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))""").ok()
+    assert cell.stdout.split() == ["1", "student-box", "[1]"]
+
+
+def test_user_namespace_alone_runs_as_overflow_uid(student):
+    assert student.value_in("-U", "os.getuid()") == 65534
+
+
+def test_time_namespace_rootless(student):
+    shift = student.value_in("-r --monotonic 1000",
+                             "__import__('time').monotonic() - float(open('/proc/uptime').read().split()[0])")
+    assert 990 < shift < 1010
+
+
+def test_pid_namespace_alone_is_refused_before_the_child_starts(student):
+    cell = student.execute("%%innamespace -p\nprint('body ran')")
+    assert cell.ename == "PrivilegeError"
+    assert "PID" in cell.evalue and "-r" in cell.evalue
+    assert "body ran" not in cell.stdout

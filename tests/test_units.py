@@ -1,0 +1,96 @@
+"""Pure pieces: framing, option checks, flags, advice. No processes, no kernel."""
+
+import errno
+
+import pytest
+
+from nsmagic import CloneFlag, Namespaces, OptionError, ProtocolError
+from nsmagic.protocol import FrameReader, Kind, parse_setup_record, setup_record
+from nsmagic.runner import check_outputs
+from nsmagic.source import ends_with_semicolon
+from nsmagic.syscalls import advice
+import nsmagic.protocol as protocol
+
+
+def frame(kind, payload):
+    import os
+    r, w = os.pipe()
+    protocol.send(w, kind, payload)
+    os.close(w)
+    data = os.read(r, 1 << 16)
+    os.close(r)
+    return data
+
+
+def test_frames_survive_any_split():
+    data = frame(Kind.DISPLAY, b"abc") + frame(Kind.DONE, b"x" * 1000)
+    for cut in range(len(data) + 1):
+        reader = FrameReader()
+        frames = reader.feed(data[:cut]) + reader.feed(data[cut:])
+        assert frames == [(Kind.DISPLAY, b"abc"), (Kind.DONE, b"x" * 1000)]
+        reader.eof()
+
+
+def test_eof_inside_a_frame_is_a_protocol_error():
+    reader = FrameReader()
+    reader.feed(frame(Kind.DONE, b"12345")[:-2])
+    with pytest.raises(ProtocolError, match="cut off"):
+        reader.eof()
+
+
+def test_unknown_frame_kind_is_a_protocol_error():
+    with pytest.raises(ProtocolError, match="unknown kind"):
+        FrameReader().feed(b"\x63" + (0).to_bytes(8, "big"))
+
+
+def test_setup_record_round_trip():
+    assert parse_setup_record(setup_record("unshare(CLONE_NEWNET)", 1, "no: é")) == ("unshare(CLONE_NEWNET)", 1, "no: é")
+    with pytest.raises(ProtocolError):
+        parse_setup_record(b"garbage")
+
+
+def test_implications_follow_unshare():
+    spec = Namespaces(map_root_user=True, mount_proc=True, hostname="h", monotonic=5)
+    assert spec.flags == CloneFlag.NEWUSER | CloneFlag.NEWNS | CloneFlag.NEWUTS | CloneFlag.NEWTIME
+    assert Namespaces().flags == CloneFlag(0)
+    assert Namespaces.from_flags(CloneFlag.NEWNET | CloneFlag.NEWPID).describe() == "-n -p"
+
+
+@pytest.mark.parametrize("name", ["", "x" * 65, "a\0b"])
+def test_bad_hostnames(name):
+    with pytest.raises(OptionError):
+        Namespaces(hostname=name)
+
+
+def test_output_names_checked_and_deduplicated():
+    assert check_outputs(["a", "b", "a"]) == ["a", "b"]
+    with pytest.raises(OptionError, match="1abc"):
+        check_outputs(["1abc"])
+
+
+def test_flags_spelled_as_in_man_pages():
+    assert (CloneFlag.NEWNET | CloneFlag.NEWPID).spelled() == "CLONE_NEWPID|CLONE_NEWNET"
+
+
+def test_advice_teaches():
+    text = advice(CloneFlag.NEWNET, errno.EPERM, in_user_ns=False)
+    assert "CAP_SYS_ADMIN" in text and "-r" in text and "network" in text
+    assert "max_user_namespaces" in advice(CloneFlag.NEWNET, errno.EPERM, in_user_ns=True)
+    assert "/proc/sys/user/max_net_namespaces" in advice(CloneFlag.NEWNET, errno.ENOSPC, in_user_ns=False)
+
+
+@pytest.mark.parametrize("code, hidden", [("1;", True), ("x = 1\nx ;  # note", True), ("1", False),
+                                          ("'a;'", False), ("f(';')", False)])
+def test_semicolon_detection(code, hidden):
+    assert ends_with_semicolon(code) is hidden
+
+
+def test_line_magic_split_keeps_code_verbatim():
+    from IPython.testing.globalipapp import get_ipython
+    from nsmagic.magics import InNamespaceMagics
+
+    magics = InNamespaceMagics(shell=get_ipython())
+    assert magics._split_line('-n -o a,b --hostname h print("x  y")') == ('-n -o a,b --hostname h ', 'print("x  y")')
+    assert magics._split_line("-ro x  f(1)") == ("-ro x  ", "f(1)")
+    assert magics._split_line("-n -- -x") == ("-n ", " -x")
+    assert magics._split_line("--timeout=3 -1 + 2") == ("--timeout=3 ", "-1 + 2")
