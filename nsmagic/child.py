@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import errno as errno_module
+import getpass
 import os
 import signal
 import sys
@@ -111,6 +112,8 @@ def main(plan: Plan) -> None:
     except steps.StepFailed as e:
         _report_setup_failure(plan, e)
         status = EXIT_SETUP_FAILED
+    except KeyboardInterrupt:  # the kernel is stopping us and reports that itself
+        status = 128 + signal.SIGINT
     except BaseException:
         try:
             import traceback
@@ -120,6 +123,17 @@ def main(plan: Plan) -> None:
             pass
     finally:
         os._exit(status)
+
+
+def _make_stdio():
+    """The child's text streams on fds 0/1/2, made once in the kernel and never written there:
+    each child inherits them empty, and building them in a fresh fork would cost more."""
+    return (open(0, "r", closefd=False),
+            open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False),
+            open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False))
+
+
+_stdio = _make_stdio()
 
 
 def _rewire(plan: Plan) -> None:
@@ -137,16 +151,10 @@ def _rewire(plan: Plan) -> None:
     os.dup2(plan.stderr, 2)
     for fd in (devnull, plan.stdout, plan.stderr):
         os.close(fd)
-    sys.stdin = open(0, "r", closefd=False)
-    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
-    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+    sys.stdin, sys.stdout, sys.stderr = _stdio
     channel = Channel(plan.control, plan.answers)
     builtins.input = channel.ask
-    try:
-        import getpass
-        getpass.getpass = lambda prompt="Password: ", stream=None: channel.ask(prompt, password=True)
-    except ImportError:
-        pass
+    getpass.getpass = lambda prompt="Password: ", stream=None: channel.ask(prompt, password=True)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
@@ -183,6 +191,7 @@ def _work(plan: Plan) -> int:
     channel = Channel(plan.control, plan.answers)
     kept = snapshot(plan.namespace)
     outcome = plan.job(channel)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the cell is over: nothing left to interrupt
     report = make_report(outcome, plan.outputs, Packer(plan.memfd, kept))
     channel.flush()
     protocol.send_obj(plan.control, Kind.DONE, report)

@@ -84,6 +84,12 @@ class CellError(NsmagicError):
         return self.traceback_lines
 
 
+def cell_error(ename: str, evalue: str, traceback_lines: list[str]) -> CellError:
+    """A :class:`CellError` whose class is named *ename*, so the notebook's error reply does."""
+    cls = type(ename, (CellError,), {"__module__": "nsmagic.child"})
+    return cls(evalue, traceback_lines)
+
+
 class ChildTraceback(Exception):
     """The traceback text of an exception raised in the child, attached as ``__cause__``.
 

@@ -17,7 +17,7 @@ import traceback as tb_module
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CellError, ChildTraceback, OutputError
+from .errors import ChildTraceback, OutputError, cell_error
 from .values import Packed, Packer, Unpacker
 
 #: Marks "no value" (a cell whose last statement is not an expression), unlike ``None``.
@@ -170,8 +170,7 @@ def _rebuild_error(rec: ErrorRecord, unpacker: Unpacker) -> BaseException:
         except (AttributeError, TypeError):
             pass
     else:
-        cls = type(rec.ename, (CellError,), {"__module__": "nsmagic.child"})
-        exc = cls(rec.evalue, lines)
+        exc = cell_error(rec.ename, rec.evalue, lines)
     exc.__cause__ = ChildTraceback(rec.text)
     exc.__suppress_context__ = True
     return exc

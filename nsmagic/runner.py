@@ -133,12 +133,14 @@ def run_code(code: str, namespaces: Namespaces | None = None, *, globals: dict |
     comes back as ``Result.value``, and the variables named in *outputs* as ``Result.values``.
 
     *globals* (by default a fresh dict) is seen by the code but never changed in this process.
-    The code's exception is raised here as itself; variables that could not come back raise
+    A ``SyntaxError`` is raised before any child starts. The code's exception is raised here as
+    itself; variables that could not come back raise
     :class:`~nsmagic.errors.OutputError` after the others arrived.
     """
     namespace = {} if globals is None else globals
     namespace.setdefault("__name__", "__main__")
-    result = execute(lambda channel: source.run_source(code, namespace, filename=filename),
+    prepared = source.prepare(code, filename=filename)
+    result = execute(lambda channel: source.run_prepared(prepared, namespace),
                      namespaces, outputs=outputs, timeout=timeout, namespace=namespace)
     result.raise_for_errors()
     return result
@@ -367,10 +369,13 @@ class _Run:
         os.waitpid(self.pid, 0)
 
     def _signal(self, sig: int) -> None:
-        for target in (lambda: os.killpg(self.pid, sig), lambda: os.kill(self.pid, sig)):
+        """Signal the child's process group (itself and what it started), once."""
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:  # not yet (or no longer) a group leader
             try:
-                target()
-            except (ProcessLookupError, PermissionError):
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
                 pass
 
     def _wait_exit(self, seconds: float) -> bool:

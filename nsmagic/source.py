@@ -1,8 +1,9 @@
 """Running a code string the way a notebook cell runs: statements, then a final expression
 whose value is the cell's result.
 
-Used inside the child both by the library's :func:`nsmagic.run_code` and by the magic (which
-first lets IPython turn ``!cmd`` and ``%magic`` lines into Python). The source is registered in
+The code is compiled in the calling process, before the fork (:func:`prepare`): a syntax error
+then never starts a child, and compiling is warm there but several times slower in a fresh
+fork. The child only executes (:func:`run_prepared`). The source is registered in
 ``linecache`` under its file name so tracebacks show the cell's own lines.
 """
 
@@ -13,38 +14,54 @@ import io
 import linecache
 import tokenize
 import traceback
+from dataclasses import dataclass
+from types import CodeType
 from typing import Callable
 
 from .outcome import NOTHING, Outcome
 
 
-def run_source(code: str, namespace: dict, *, filename: str = "<nsmagic>", flags: int = 0,
-               shown_source: str | None = None, line_offset: int = 0,
-               render_traceback: Callable | None = None, formatter: Callable | None = None) -> Outcome:
-    """Execute *code* in *namespace*; return its final expression's value or its exception.
+@dataclass
+class Prepared:
+    filename: str
+    body: CodeType
+    last: CodeType | None
+    quiet: bool
+
+
+def prepare(code: str, *, filename: str = "<nsmagic>", flags: int = 0, shown_source: str | None = None,
+            line_offset: int = 0) -> Prepared:
+    """Compile *code*; raises ``SyntaxError`` as the interpreter would.
 
     *shown_source* is what tracebacks quote (for a cell magic: the whole visible cell, magic
     line included) and *line_offset* how many of its lines precede *code*, so that a traceback
     names the line number the student sees.
     """
-    linecache.cache[filename] = (len(shown_source or code), None,
-                                 (shown_source or code).splitlines(True), filename)
+    shown = shown_source if shown_source is not None else code
+    linecache.cache[filename] = (len(shown), None, shown.splitlines(True), filename)
+    # Blank lines in front, rather than moving the AST's line numbers, so that a SyntaxError
+    # names the right line too.
+    tree = compile("\n" * line_offset + code, filename, "exec", flags | ast.PyCF_ONLY_AST, dont_inherit=True)
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = compile(ast.Expression(tree.body.pop().value), filename, "eval", flags, dont_inherit=True)
+    body = compile(tree, filename, "exec", flags, dont_inherit=True)
+    return Prepared(filename, body, last, quiet=ends_with_semicolon(code))
+
+
+def run_prepared(prepared: Prepared, namespace: dict, *, render_traceback: Callable | None = None,
+                 formatter: Callable | None = None) -> Outcome:
+    """Execute prepared code in *namespace*; return its final expression's value or its exception."""
     try:
-        tree = compile(code, filename, "exec", flags | ast.PyCF_ONLY_AST, dont_inherit=True)
-        if line_offset:
-            ast.increment_lineno(tree, line_offset)
-        last = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = ast.Expression(tree.body.pop().value)
-        exec(compile(tree, filename, "exec", flags, dont_inherit=True), namespace)
+        exec(prepared.body, namespace)
         value = NOTHING
-        if last is not None:
-            value = eval(compile(last, filename, "eval", flags, dont_inherit=True), namespace)
-            if ends_with_semicolon(code):
+        if prepared.last is not None:
+            value = eval(prepared.last, namespace)
+            if prepared.quiet:
                 value = NOTHING
         return Outcome(value=value, namespace=namespace, formatter=formatter)
     except BaseException as e:  # the cell's failure is reported, whatever it is
-        tb = _from_file(e.__traceback__, filename)
+        tb = _from_file(e.__traceback__, prepared.filename)
         e.__traceback__ = tb
         if render_traceback is not None:
             lines = render_traceback(type(e), e, tb)
@@ -54,12 +71,11 @@ def run_source(code: str, namespace: dict, *, filename: str = "<nsmagic>", flags
 
 
 def _from_file(tb, filename: str):
-    """The traceback from the first frame of the cell itself (our own frames are noise),
-    or whole for a syntax error, which has no cell frame."""
+    """The traceback from the first frame of the code itself (our own frames are noise)."""
     start = tb
     while start is not None and start.tb_frame.f_code.co_filename != filename:
         start = start.tb_next
-    return start if start is not None else (tb.tb_next if tb is not None else None)
+    return start if start is not None else tb
 
 
 def ends_with_semicolon(code: str) -> bool:

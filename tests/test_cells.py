@@ -121,6 +121,13 @@ def test_exception_fails_cell_with_its_own_class_and_line(kernel):
     assert "line 4" in cell.traceback and "x / y" in cell.traceback
 
 
+def test_syntax_error_is_shown_like_a_plain_cells_and_starts_no_child(kernel):
+    cell = kernel.execute("%%innamespace -n\nprint('ran')\nx = (1,")
+    assert cell.ename == "SyntaxError"
+    assert "line 3" in cell.traceback
+    assert "ran" not in cell.stdout
+
+
 def test_exception_can_be_caught_by_code_running_the_magic(kernel):
     kernel.execute("class TutorialError(Exception): pass").ok()
     cell = kernel.execute("""try:
