@@ -18,7 +18,7 @@ import getpass
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from . import protocol, steps
@@ -51,6 +51,8 @@ class Plan:
     gid: int
     #: The namespace the job's code runs in, whose classes and functions travel back by reference.
     namespace: dict | None = None
+    #: The environment's parts (see nsmagic.parts).
+    parts: list = field(default_factory=list)
 
 
 class Channel:
@@ -103,11 +105,14 @@ def main(plan: Plan) -> None:
     status = EXIT_INTERNAL
     try:
         _rewire(plan)
-        if plan.spec.pid and not plan.pid_done:
+        for part in plan.parts:
+            part.before_unshare()
+        if (plan.spec.pid and not plan.pid_done) or "pid" in plan.spec.join:
             _become_middle_or_worker(plan)
         else:
             steps.enter_namespaces(plan.spec, plan.uid, plan.gid, pid_done=plan.pid_done)
-            steps.set_up_inside(plan.spec)
+            _wait_for_kernel(plan)
+            _set_up_inside(plan)
         status = _work(plan)
     except steps.StepFailed as e:
         _report_setup_failure(plan, e)
@@ -164,10 +169,11 @@ def _become_middle_or_worker(plan: Plan) -> None:
     single-threaded child; its PID 1 is then our own child (the worker), and we stay behind
     only to pass on how it ended."""
     steps.enter_namespaces(plan.spec, plan.uid, plan.gid, pid_done=False)
+    _wait_for_kernel(plan)
     worker = os.fork()
     if worker == 0:
         set_parent_death_signal(signal.SIGKILL)
-        steps.set_up_inside(plan.spec)
+        _set_up_inside(plan)
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for fd in (0, 1, 2, plan.control, plan.answers, plan.memfd):
@@ -185,6 +191,22 @@ def _become_middle_or_worker(plan: Plan) -> None:
         os.kill(os.getpid(), -code)
         code = 128 - code
     os._exit(code)
+
+
+def _wait_for_kernel(plan: Plan) -> None:
+    """Let the kernel do its side of the parts (a veth end moved in, a cgroup joined) while
+    no cell code has run yet."""
+    if any(part.needs_host for part in plan.parts):
+        protocol.send(plan.control, Kind.READY)
+        _, answer = protocol.recv_blocking(plan.answers)
+        if answer:  # the kernel failed and reports it itself
+            os._exit(EXIT_SETUP_FAILED)
+
+
+def _set_up_inside(plan: Plan) -> None:
+    steps.set_up_inside(plan.spec)
+    for part in plan.parts:
+        part.inside()
 
 
 def _work(plan: Plan) -> int:

@@ -37,8 +37,9 @@ from .syscalls import CloneFlag, advice, setns, unshare
 
 def pid_namespace_in_kernel(spec) -> bool:
     """Whether the kernel's thread makes the PID namespace itself (it cannot when a user
-    namespace must own it, because only a single-threaded process can make that)."""
-    return spec.pid and not spec.user
+    namespace must own it, joined or new, because only a single-threaded process can enter
+    or make that)."""
+    return spec.pid and not spec.user and "user" not in spec.join
 
 
 def spawn(plan: "child_module.Plan") -> int:
@@ -87,24 +88,27 @@ class Reaper:
     """
 
     def __init__(self) -> None:
-        self._pids: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._pids: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def reap(self, pid: int) -> None:
+    def reap(self, pid: int, then=None) -> None:
+        """Wait for *pid* in the background, then call *then* (a clean-up)."""
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="nsmagic-reaper", daemon=True)
                 self._thread.start()
-        self._pids.put(pid)
+        self._pids.put((pid, then))
 
     def _run(self) -> None:
         while True:
-            pid = self._pids.get()
+            pid, then = self._pids.get()
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
+            if then is not None:
+                then()
 
 
 reaper = Reaper()

@@ -33,9 +33,10 @@ class SetupError(NsmagicError, OSError):
 class ChildDied(NsmagicError):
     """The child ended without reporting a result: it exited early, crashed or was killed."""
 
-    def __init__(self, pid: int, status: int, output_hint: str = ""):
+    def __init__(self, pid: int, status: int, reason: str | None = None):
         self.pid = pid
         self.status = status
+        self.reason = reason
         code = _exitcode(status)
         if code < 0:
             how = f"was killed by signal {-code} ({_signame(-code)})"
@@ -43,9 +44,11 @@ class ChildDied(NsmagicError):
         else:
             how = f"exited with status {code}"
             self.signal, self.exitcode = None, code
+        if reason:
+            how = f"{how}: {reason}"
         super().__init__(
             f"the cell's child process (pid {pid}) {how} before the cell finished; "
-            f"nothing it computed came back{output_hint}"
+            "nothing it computed came back"
         )
 
 

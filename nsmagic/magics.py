@@ -116,6 +116,25 @@ class InNamespaceMagics(Magics):
               help="shift CLOCK_MONOTONIC inside by SECONDS (implies -T)")
     @argument("--boottime", metavar="SECONDS", type=_offset, default=0.0,
               help="shift CLOCK_BOOTTIME inside by SECONDS (implies -T)")
+    @argument("--lo", action="store_true", help="bring the loopback interface up inside (implies -n)")
+    @argument("--veth", metavar="HOST_CIDR[:CHILD_ADDR]", nargs="?", const="",
+              help="a veth pair to the kernel: addresses on both ends, lo up, a default route via the "
+              "host end; with no value, a free link-local /30 (implies -n)")
+    @argument("--join-net", metavar="TARGET", help="enter an existing network namespace: a path "
+              "(/proc/PID/ns/net, /run/netns/NAME), a PID, or a name made with ip netns add")
+    @argument("--join-uts", metavar="TARGET", help="enter an existing UTS namespace (path or PID)")
+    @argument("--join-ipc", metavar="TARGET", help="enter an existing IPC namespace (path or PID)")
+    @argument("--join-mnt", metavar="TARGET", help="enter an existing mount namespace (path or PID)")
+    @argument("--join-pid", metavar="TARGET", help="enter an existing PID namespace (path or PID)")
+    @argument("--join-user", metavar="TARGET", help="enter an existing user namespace (path or PID)")
+    @argument("--memory", metavar="SIZE", help="cgroup memory limit, e.g. 64M")
+    @argument("--pids", metavar="N", type=int, help="cgroup limit on the number of processes")
+    @argument("--cpus", metavar="FRACTION", type=float, help="cgroup CPU limit, e.g. 0.5 for half a CPU")
+    @argument("--tmpfs", metavar="DIR", action="append", default=[], help="mount a fresh tmpfs on DIR (implies -m)")
+    @argument("--bind", metavar="SRC:DST", action="append", default=[], help="bind-mount SRC on DST (implies -m)")
+    @argument("--ro-bind", metavar="SRC:DST", action="append", default=[],
+              help="bind-mount SRC on DST read-only (implies -m)")
+    @argument("--rootfs", metavar="DIR", help="pivot into the root filesystem prepared in DIR (implies -m)")
     @argument("-f", "--fork", action="store_true",
               help="accepted for unshare(1) habits; the cell always runs in a forked child")
     @argument("-o", "--out", metavar="NAMES", type=_names, action="append", default=[],
@@ -160,15 +179,24 @@ class InNamespaceMagics(Magics):
                 user=args.user, cgroup=args.cgroup, time=args.time,
                 map_root_user=args.map_root_user, mount_proc=args.mount_proc,
                 hostname=args.hostname, monotonic=args.monotonic, boottime=args.boottime,
+                lo=args.lo, veth=args.veth, join={
+                    kind: getattr(args, f"join_{kind}") for kind in ("net", "uts", "ipc", "mnt", "pid", "user")
+                    if getattr(args, f"join_{kind}") is not None
+                },
+                memory=args.memory, pids=args.pids, cpus=args.cpus,
+                tmpfs=args.tmpfs, bind=args.bind, ro_bind=args.ro_bind, rootfs=args.rootfs,
             )
         except OptionError as e:
             raise UsageError(str(e)) from None
         outputs = [name for group in args.out for name in group]
         timeout = args.timeout or self.default_timeout or None
         job = cell_job(self.shell, code, shown_source=shown_source, line_offset=line_offset)
-        result = runner.execute(job, spec, outputs=outputs, timeout=timeout,
-                                sinks=NotebookSinks(), grace=self.grace_period,
-                                namespace=self.shell.user_ns)
+        try:
+            result = runner.execute(job, spec, outputs=outputs, timeout=timeout,
+                                    sinks=NotebookSinks(), grace=self.grace_period,
+                                    namespace=self.shell.user_ns)
+        except OptionError as e:  # a value only a part could check (a missing rootfs, a bad CIDR)
+            raise UsageError(str(e)) from None
         if result.values:
             self.shell.push(result.values)
         result.raise_for_errors()
@@ -191,9 +219,11 @@ class InNamespaceMagics(Magics):
             if not token.startswith("-") or token == "-" or _is_number(token):
                 return line[:m.start(1)], line[m.start(1):]
             pos = m.end()
-            if _takes_value(parser, token):
+            takes = _takes_value(parser, token)
+            if takes:
                 value = re.compile(r"\s*(\S+)").match(line, pos)
-                if value is not None:
+                # An optional value (--veth) is taken only if it looks like one (an address).
+                if value is not None and (takes != "?" or value.group(1)[:1].isdigit()):
                     pos = value.end()
 
 
@@ -205,10 +235,12 @@ def _is_number(token: str) -> bool:
         return False
 
 
-def _takes_value(parser: argparse.ArgumentParser, token: str) -> bool:
-    """Whether *token* is an option whose value is the next token."""
+def _takes_value(parser: argparse.ArgumentParser, token: str) -> bool | str:
+    """Whether *token* is an option whose value is the next token ("?" if it may be)."""
     if token.startswith("--"):
         action = parser._option_string_actions.get(token)
+        if action is not None and action.nargs == "?":
+            return "?"
         return action is not None and action.nargs != 0
     if "=" in token:
         return False

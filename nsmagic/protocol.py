@@ -36,8 +36,10 @@ class Kind(enum.IntEnum):
     INPUT = 4
     #: Child to kernel: the cell is over; the report (see :mod:`nsmagic.outcome`).
     DONE = 5
+    #: Child to kernel: my namespaces are made; do your side (a veth, a cgroup) and answer.
+    READY = 7
     #: Kernel to child: the answer to INPUT: (ok, text or reason); empty after DISPLAY and
-    #: CLEAR_OUTPUT, to say they are shown.
+    #: CLEAR_OUTPUT and READY, to say they are done (b"no" after a failed READY).
     ANSWER = 6
 
 

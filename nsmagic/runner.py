@@ -26,6 +26,7 @@ from .child import Channel, Plan
 from .clone import pid_namespace_in_kernel, reaper, spawn
 from .errors import CellTimeout, ChildDied, OptionError, PrivilegeError, ProtocolError, SetupError
 from .outcome import Outcome, Result, capture, rebuild
+from .parts import build as build_parts, cleanup_all, prepare_all
 from .protocol import FrameReader, Kind
 from .spec import Namespaces
 from .syscalls import CAP_SYS_ADMIN, CloneFlag, advice, has_capability
@@ -167,6 +168,7 @@ class _Run:
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timeout = timeout
         self.job = job
+        self.parts = build_parts(spec)
         self.pid = 0
         self.pidfd = -1
         self.settled = False
@@ -174,13 +176,18 @@ class _Run:
         self.decoders = {}
 
     def run(self) -> Result:
-        out, err, ctl, ans = _pipe(), _pipe(), _pipe(), _pipe()
-        memfd = os.memfd_create("nsmagic-values", os.MFD_CLOEXEC)
+        prepare_all(self.parts)
+        try:
+            out, err, ctl, ans = _pipe(), _pipe(), _pipe(), _pipe()
+            memfd = os.memfd_create("nsmagic-values", os.MFD_CLOEXEC)
+        except BaseException:
+            cleanup_all(self.parts)
+            raise
         plan = Plan(
             spec=self.spec, job=self.job, outputs=self.outputs, kernel_pid=os.getpid(),
             pid_done=pid_namespace_in_kernel(self.spec), stdout=out.write, stderr=err.write,
             control=ctl.write, answers=ans.read, memfd=memfd, uid=os.geteuid(), gid=os.getegid(),
-            namespace=self.namespace,
+            namespace=self.namespace, parts=self.parts,
         )
         self.sinks.flush()
         try:
@@ -188,6 +195,7 @@ class _Run:
         except BaseException:
             for fd in (out.read, out.write, err.read, err.write, ctl.read, ctl.write, ans.read, ans.write, memfd):
                 os.close(fd)
+            cleanup_all(self.parts)
             raise
         for fd in (out.write, err.write, ctl.write, ans.read):
             os.close(fd)
@@ -297,6 +305,8 @@ class _Run:
             if kind is Kind.SETUP_FAILED:
                 self._settle()
                 raise _setup_error(*protocol.parse_setup_record(payload))
+            if kind is Kind.READY:
+                self._host_side()
             if kind is Kind.DISPLAY:
                 msg = protocol.load(payload)
                 self.sinks.display(msg["data"], msg["metadata"], msg["transient"], msg["update"])
@@ -307,6 +317,17 @@ class _Run:
             elif kind is Kind.INPUT:
                 self._answer(*protocol.load(payload))
         return None
+
+    def _host_side(self) -> None:
+        """The child has made its namespaces and waits: do the parts' kernel-side work."""
+        try:
+            for part in self.parts:
+                if part.needs_host:
+                    part.host(self.pid)
+        except BaseException:
+            self._reply(b"no")
+            raise
+        self._reply(b"")
 
     def _answer(self, prompt: str, password: bool) -> None:
         self.sinks.flush()
@@ -334,15 +355,25 @@ class _Run:
             if report is not None:
                 return report
         self._drain_streams()
-        _, status = os.waitpid(self.pid, 0)
         self.settled = True
-        raise ChildDied(self.pid, status)
+        status = self._reap()
+        reasons = [r for r in (p.exit_reason(status) for p in self.parts) if r]
+        raise ChildDied(self.pid, status, reasons[0] if reasons else None)
 
     def _settle(self) -> None:
-        """The child has said its last word: let the reaper wait for its teardown."""
+        """The child has said its last word: let the reaper wait for its teardown, and then
+        clean up after it."""
         if not self.settled:
             self.settled = True
-            reaper.reap(self.pid)
+            reaper.reap(self.pid, lambda: cleanup_all(self.parts) if self.parts else None)
+
+    def _reap(self) -> int:
+        """Wait for the child here, then clean up after it; its wait status."""
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        finally:
+            cleanup_all(self.parts)
+        return status
 
     # -- stopping -----------------------------------------------------------------------------
 
@@ -364,9 +395,9 @@ class _Run:
             self._signal(signal.SIGKILL)
         except KeyboardInterrupt:  # interrupted again while waiting: no more grace
             self._signal(signal.SIGKILL)
-            os.waitpid(self.pid, 0)
+            self._reap()
             raise
-        os.waitpid(self.pid, 0)
+        self._reap()
 
     def _signal(self, sig: int) -> None:
         """Signal the child's process group (itself and what it started), once."""
@@ -388,7 +419,7 @@ class _Run:
             for fd, _ in poller.poll(max(1, int(left * 1000))):
                 if fd == self.pidfd:
                     self._drain_streams()
-                    os.waitpid(self.pid, 0)
+                    self._reap()
                     return True
                 if fd in self.decoders:
                     if not self._read_stream(fd):

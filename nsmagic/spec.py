@@ -8,7 +8,7 @@ clock offset a time namespace.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from .errors import OptionError
 from .syscalls import CloneFlag
@@ -53,6 +53,27 @@ class Namespaces:
     #: Shift CLOCK_BOOTTIME by this many seconds inside; implies ``time``.
     boottime: float = 0.0
 
+    # -- the environment around the namespaces (see nsmagic.parts) ---------------------------
+    #: Bring ``lo`` up inside; implies ``net``.
+    lo: bool = False
+    #: A veth pair to the kernel: ``"HOST_CIDR[:CHILD_ADDR]"``, or ``""`` to pick a free
+    #: link-local /30; implies ``net``.
+    veth: str | None = None
+    #: Existing namespaces to enter (setns), by kind: ``{"net": "/run/netns/lab", "uts": "1234"}``.
+    #: Kinds: net, uts, ipc, mnt, pid, user. A target is a path, a PID, or for net a name made
+    #: with ``ip netns add``.
+    join: dict[str, str] = field(default_factory=dict)
+    #: cgroup limits: memory in bytes or as ``"64M"``, a number of processes, a fraction of CPUs.
+    memory: int | str | None = None
+    pids: int | None = None
+    cpus: float | None = None
+    #: Mounts inside; each implies ``mount``. ``bind``/``ro_bind`` entries are ``"SRC:DST"``.
+    tmpfs: list[str] = field(default_factory=list)
+    bind: list[str] = field(default_factory=list)
+    ro_bind: list[str] = field(default_factory=list)
+    #: A prepared root filesystem to pivot into; implies ``mount``.
+    rootfs: str | None = None
+
     def __post_init__(self) -> None:
         if self.map_root_user:
             self.user = True
@@ -63,6 +84,22 @@ class Namespaces:
             self.uts = True
         if self.monotonic or self.boottime:
             self.time = True
+        if self.lo or self.veth is not None:
+            self.net = True
+        if self.tmpfs or self.bind or self.ro_bind or self.rootfs is not None:
+            self.mount = True
+        self._check_joins()
+
+    def _check_joins(self) -> None:
+        kinds = {"net": "net", "uts": "uts", "ipc": "ipc", "mnt": "mount", "pid": "pid", "user": "user"}
+        for kind in self.join:
+            if kind not in kinds:
+                raise OptionError(f"cannot join a {kind!r} namespace; joinable: {', '.join(kinds)}")
+            if getattr(self, kinds[kind]):
+                raise OptionError(
+                    f"--join-{kind} and a fresh {kind} namespace in one cell: a process is in one "
+                    f"{kind} namespace at a time; drop one of them"
+                )
 
     @classmethod
     def from_flags(cls, flags: CloneFlag, **kw) -> "Namespaces":

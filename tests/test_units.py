@@ -94,3 +94,5 @@ def test_line_magic_split_keeps_code_verbatim():
     assert magics._split_line("-ro x  f(1)") == ("-ro x  ", "f(1)")
     assert magics._split_line("-n -- -x") == ("-n ", " -x")
     assert magics._split_line("--timeout=3 -1 + 2") == ("--timeout=3 ", "-1 + 2")
+    assert magics._split_line("--veth print(1)") == ("--veth ", "print(1)")
+    assert magics._split_line("--veth 10.1.1.1/30 f()") == ("--veth 10.1.1.1/30 ", "f()")

@@ -1,0 +1,101 @@
+"""The pieces of a child's environment beyond bare namespaces: joined namespaces, a network,
+cgroup limits, mounts.
+
+A namespace alone the child can make by itself. These pieces need the kernel's help or need to
+be undone: a veth pair has a host end, a cgroup is a directory on the host that must be removed,
+a joined namespace is opened by path. Each is a :class:`Part`, and every part goes through the
+same life, driven by :mod:`nsmagic.runner` and :mod:`nsmagic.child`:
+
+==================  =============  ==========================================================
+hook                runs in        for
+==================  =============  ==========================================================
+``prepare()``       kernel         check values, make host resources; before fork, so a bad
+                                   value never starts a child
+``before_unshare``  child          setns() into joined namespaces, before new ones are made
+``host(pid)``       kernel         while the child waits, its namespaces made and no cell code
+                                   run yet: move a veth end in, put the child in a cgroup
+``inside()``        the cell's     configure from inside: addresses, routes, mounts
+                    process
+``explain()``       kernel         lines for ``--explain``: what this part did
+``cleanup()``       kernel         after the child is reaped, also after a crash, an interrupt
+                                   or a timeout: remove what ``prepare``/``host`` made
+==================  =============  ==========================================================
+
+A hook that fails raises :class:`~nsmagic.errors.OptionError` (``prepare``, for bad values),
+:class:`~nsmagic.errors.PrivilegeError` or :class:`~nsmagic.errors.SetupError` in the kernel,
+and :class:`~nsmagic.steps.StepFailed` in the child.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .spec import Namespaces
+
+
+class Part:
+    """One piece of a child's environment. Subclasses override the hooks they need."""
+
+    #: Whether :meth:`host` must run; the child then waits for the kernel before the cell runs.
+    needs_host = False
+
+    def prepare(self) -> None:
+        pass
+
+    def before_unshare(self) -> None:
+        pass
+
+    def host(self, pid: int) -> None:
+        pass
+
+    def inside(self) -> None:
+        pass
+
+    def explain(self) -> list[str]:
+        return []
+
+    def cleanup(self) -> None:
+        pass
+
+    def exit_reason(self, status: int) -> str | None:
+        """Words for how the child ended, if this part caused it (an OOM kill); else None."""
+        return None
+
+
+def build(spec: Namespaces) -> list[Part]:
+    """The parts *spec* asks for, in the order their hooks must run."""
+    parts: list[Part] = []
+    if spec.join:
+        from .join import JoinNamespaces
+        parts.append(JoinNamespaces(spec))
+    if spec.memory is not None or spec.pids is not None or spec.cpus is not None:
+        from .cgroups import CgroupLimits
+        parts.append(CgroupLimits(spec))
+    if spec.lo or spec.veth is not None:
+        from .network import Network
+        parts.append(Network(spec))
+    if spec.tmpfs or spec.bind or spec.ro_bind or spec.rootfs is not None:
+        from .mounts import Mounts
+        parts.append(Mounts(spec))
+    return parts
+
+
+def prepare_all(parts: list[Part]) -> None:
+    """Prepare each part; if one fails, clean up those already prepared and re-raise."""
+    done: list[Part] = []
+    try:
+        for part in parts:
+            done.append(part)
+            part.prepare()
+    except BaseException:
+        cleanup_all(done)
+        raise
+
+
+def cleanup_all(parts: list[Part]) -> None:
+    """Undo every part, in reverse order; a failure is reported and does not stop the others."""
+    for part in reversed(parts):
+        try:
+            part.cleanup()
+        except Exception as e:
+            print(f"nsmagic: could not clean up after the cell ({type(part).__name__}): {e}", file=sys.stderr)
