@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import protocol, steps
+from .explain import inodes
 from .outcome import Outcome, make_report
 from .protocol import Kind
 from .spec import Namespaces
@@ -53,6 +54,8 @@ class Plan:
     namespace: dict | None = None
     #: The environment's parts (see nsmagic.parts).
     parts: list = field(default_factory=list)
+    #: Whether to report each step for ``--explain``.
+    explain: bool = False
 
 
 class Channel:
@@ -162,6 +165,8 @@ def _rewire(plan: Plan) -> None:
     getpass.getpass = lambda prompt="Password: ", stream=None: channel.ask(prompt, password=True)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if plan.explain:
+        steps.log = []
 
 
 def _become_middle_or_worker(plan: Plan) -> None:
@@ -170,9 +175,11 @@ def _become_middle_or_worker(plan: Plan) -> None:
     only to pass on how it ended."""
     steps.enter_namespaces(plan.spec, plan.uid, plan.gid, pid_done=False)
     _wait_for_kernel(plan)
+    steps.record("fork()")
     worker = os.fork()
     if worker == 0:
         set_parent_death_signal(signal.SIGKILL)
+        steps.where = "PID 1"
         _set_up_inside(plan)
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -211,6 +218,11 @@ def _set_up_inside(plan: Plan) -> None:
 
 def _work(plan: Plan) -> int:
     channel = Channel(plan.control, plan.answers)
+    if plan.explain:
+        protocol.send_obj(plan.control, Kind.EXPLAIN, {
+            "calls": steps.log, "inodes": inodes(), "ids": (os.getpid(), os.getuid(), os.getgid()),
+        })
+        protocol.recv_blocking(plan.answers)
     kept = snapshot(plan.namespace)
     outcome = plan.job(channel)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the cell is over: nothing left to interrupt

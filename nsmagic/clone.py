@@ -42,8 +42,10 @@ def pid_namespace_in_kernel(spec) -> bool:
     return spec.pid and not spec.user and "user" not in spec.join
 
 
-def spawn(plan: "child_module.Plan") -> int:
-    """Fork the child described by *plan*; return its pid. The child never returns here."""
+def spawn(plan: "child_module.Plan", log: list | None = None) -> int:
+    """Fork the child described by *plan*; return its pid. The child never returns here.
+    With a *log*, the kernel's own system calls are noted there for ``--explain``."""
+    note = log.append if log is not None else (lambda entry: None)
     saved = None
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
@@ -55,6 +57,8 @@ def spawn(plan: "child_module.Plan") -> int:
                 raise PrivilegeError(
                     f"unshare(CLONE_NEWPID) failed: {e.strerror}; {advice(CloneFlag.NEWPID, e.errno, False)}"
                 ) from None
+            note(("kernel", "unshare(CLONE_NEWPID)",
+                  "in the kernel's own thread: only its next child is born in the new PID namespace"))
         with warnings.catch_warnings():
             # Python 3.12+ warns about fork() in a multi-threaded process. The child never
             # returns to the code of the threads it lost; it runs the cell and _exits.
@@ -69,6 +73,11 @@ def spawn(plan: "child_module.Plan") -> int:
             os.setpgid(pid, pid)  # also done by the child: whichever runs first wins the race
         except OSError:
             pass
+        note(("kernel", f"fork() = {pid}",
+              "glibc's fork is clone(CLONE_CHILD_SETTID|CLONE_CHILD_CLEARTID|SIGCHLD): a copy-on-write copy of the kernel"))
+        if saved is not None:
+            note(("kernel", "setns(<own PID namespace>, CLONE_NEWPID)",
+                  "the kernel's thread goes back to making children in its own PID namespace"))
         return pid
     finally:
         if saved is not None:

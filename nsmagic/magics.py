@@ -11,11 +11,11 @@ import argparse
 import re
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Float, Unicode
 
-from . import runner
+from . import info, runner
 from .cell import cell_job
 from .errors import OptionError
 from .spec import Namespaces
@@ -74,6 +74,11 @@ class NotebookSinks(runner.Sinks):
         from IPython.display import clear_output
 
         clear_output(wait=wait)
+
+    def explain(self, explanation):
+        from IPython.display import display
+
+        display(explanation)
 
 
 @magics_class
@@ -139,6 +144,9 @@ class InNamespaceMagics(Magics):
               help="accepted for unshare(1) habits; the cell always runs in a forked child")
     @argument("-o", "--out", metavar="NAMES", type=_names, action="append", default=[],
               help="comma-separated variables to bring back into the kernel when the cell ends (repeatable)")
+    @argument("--explain", action="store_true",
+              help="first show each system call made for the cell and the kernel's and the cell's "
+              "namespaces side by side")
     @argument("--timeout", metavar="SECONDS", type=_seconds,
               help="kill the cell's child and its namespaces after SECONDS")
     @argument("code", nargs="*", help="(line magic only) the Python statement to run")
@@ -194,7 +202,7 @@ class InNamespaceMagics(Magics):
         try:
             result = runner.execute(job, spec, outputs=outputs, timeout=timeout,
                                     sinks=NotebookSinks(), grace=self.grace_period,
-                                    namespace=self.shell.user_ns)
+                                    namespace=self.shell.user_ns, explain=args.explain)
         except OptionError as e:  # a value only a part could check (a missing rootfs, a bad CIDR)
             raise UsageError(str(e)) from None
         if result.values:
@@ -203,6 +211,13 @@ class InNamespaceMagics(Magics):
         if result.bundle is not None:
             return ChildValue(result.bundle)
         return result.value
+
+    @line_magic
+    def nsinfo(self, line: str = ""):
+        """Show what this kernel can isolate: every namespace kind, the kernel's own inode,
+        whether a fresh one can be made now (probed for real) and whether that needs -r, plus
+        the cgroup version and the user-namespace settings, with a hint for what is missing."""
+        return info.probe()
 
     def _split_line(self, line: str) -> tuple[str, str]:
         """Split a line magic into its options and its code, keeping the code verbatim

@@ -38,8 +38,10 @@ class Kind(enum.IntEnum):
     DONE = 5
     #: Child to kernel: my namespaces are made; do your side (a veth, a cgroup) and answer.
     READY = 7
+    #: Child to kernel: for --explain, the steps it made and its namespaces; answered when shown.
+    EXPLAIN = 8
     #: Kernel to child: the answer to INPUT: (ok, text or reason); empty after DISPLAY and
-    #: CLEAR_OUTPUT and READY, to say they are done (b"no" after a failed READY).
+    #: CLEAR_OUTPUT, READY and EXPLAIN, to say they are done (b"no" after a failed READY).
     ANSWER = 6
 
 

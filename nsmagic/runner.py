@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import protocol, source
+from . import explain, protocol, source
 from .child import Channel, Plan
 from .clone import pid_namespace_in_kernel, reaper, spawn
 from .errors import CellTimeout, ChildDied, OptionError, PrivilegeError, ProtocolError, SetupError
@@ -38,15 +38,32 @@ _CHUNK = 1 << 16
 class Sinks:
     """Where the child's output goes in the calling process.
 
-    This default writes text to ``sys.stdout``/``sys.stderr`` and shows display data as its
-    ``text/plain``; the magic's subclass publishes to the notebook instead.
+    This default writes text to ``sys.stdout``/``sys.stderr`` (in a kernel, ipykernel's
+    streams, so ``%%capture`` works as for any cell) and shows display data as its
+    ``text/plain``; the magic's subclass publishes display data to the notebook instead.
+
+    A stream is flushed after every :attr:`flush_every` characters: ipykernel's streams buffer
+    until their next timed flush, and a child printing 50 MB would otherwise pile it all up in
+    the kernel's memory. A flush waits for the kernel's IO thread, which is the back-pressure.
     """
 
+    flush_every = 1 << 20
+
+    def __init__(self) -> None:
+        self._unflushed = 0
+
+    def _write(self, stream, text: str) -> None:
+        stream.write(text)
+        self._unflushed += len(text)
+        if self._unflushed >= self.flush_every:
+            self._unflushed = 0
+            stream.flush()
+
     def stdout(self, text: str) -> None:
-        sys.stdout.write(text)
+        self._write(sys.stdout, text)
 
     def stderr(self, text: str) -> None:
-        sys.stderr.write(text)
+        self._write(sys.stderr, text)
 
     def display(self, data: dict, metadata: dict, transient: dict, update: bool) -> None:
         if "text/plain" in data:
@@ -54,6 +71,10 @@ class Sinks:
 
     def clear_output(self, wait: bool) -> None:
         pass
+
+    def explain(self, explanation) -> None:
+        """Show an :class:`~nsmagic.explain.Explanation` (``--explain``)."""
+        self.stdout(repr(explanation) + "\n")
 
     def input(self, prompt: str, password: bool) -> str:
         if password:
@@ -95,6 +116,7 @@ def execute(
     sinks: Sinks | None = None,
     grace: float = 1.0,
     namespace: dict | None = None,
+    explain: bool = False,
 ) -> Result:
     """Run *job* in a forked child with the namespaces of *spec* and bring back what it made.
 
@@ -112,7 +134,7 @@ def execute(
     if timeout is not None and not timeout > 0:
         raise OptionError(f"timeout must be a positive number of seconds, not {timeout!r}")
     check_privileges(spec)
-    return _Run(job, spec, outputs, timeout, sinks or Sinks(), grace, namespace).run()
+    return _Run(job, spec, outputs, timeout, sinks or Sinks(), grace, namespace, explain).run()
 
 
 def run(func: Callable, *args, namespaces: Namespaces | None = None, timeout: float | None = None,
@@ -162,9 +184,10 @@ class _Run:
     """One child, from fork to reaping."""
 
     def __init__(self, job, spec: Namespaces, outputs: list[str], timeout, sinks: Sinks, grace: float,
-                 namespace: dict | None):
+                 namespace: dict | None, explain: bool = False):
         self.spec, self.outputs, self.sinks, self.grace = spec, outputs, sinks, grace
         self.namespace = namespace
+        self.log = [] if explain else None
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timeout = timeout
         self.job = job
@@ -187,11 +210,11 @@ class _Run:
             spec=self.spec, job=self.job, outputs=self.outputs, kernel_pid=os.getpid(),
             pid_done=pid_namespace_in_kernel(self.spec), stdout=out.write, stderr=err.write,
             control=ctl.write, answers=ans.read, memfd=memfd, uid=os.geteuid(), gid=os.getegid(),
-            namespace=self.namespace, parts=self.parts,
+            namespace=self.namespace, parts=self.parts, explain=self.log is not None,
         )
         self.sinks.flush()
         try:
-            self.pid = spawn(plan)
+            self.pid = spawn(plan, self.log)
         except BaseException:
             for fd in (out.read, out.write, err.read, err.write, ctl.read, ctl.write, ans.read, ans.write, memfd):
                 os.close(fd)
@@ -307,6 +330,8 @@ class _Run:
                 raise _setup_error(*protocol.parse_setup_record(payload))
             if kind is Kind.READY:
                 self._host_side()
+            elif kind is Kind.EXPLAIN:
+                self._explain(protocol.load(payload))
             if kind is Kind.DISPLAY:
                 msg = protocol.load(payload)
                 self.sinks.display(msg["data"], msg["metadata"], msg["transient"], msg["update"])
@@ -327,6 +352,17 @@ class _Run:
         except BaseException:
             self._reply(b"no")
             raise
+        self._reply(b"")
+
+    def _explain(self, report: dict) -> None:
+        calls = list(self.log)
+        for where, call in report["calls"]:
+            calls.append((where, call, explain.why(call)))
+        for part in self.parts:
+            calls += [("kernel", line, "") for line in part.explain()]
+        self.sinks.explain(explain.Explanation(
+            calls=calls, kernel=explain.inodes(), cell=report["inodes"], cell_ids=report["ids"],
+            kernel_view_pid=self.pid))
         self._reply(b"")
 
     def _answer(self, prompt: str, password: bool) -> None:

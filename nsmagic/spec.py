@@ -84,6 +84,12 @@ class Namespaces:
             self.uts = True
         if self.monotonic or self.boottime:
             self.time = True
+        if self.mount_proc and self.user and not self.pid and "pid" not in self.join:
+            raise OptionError(
+                "--mount-proc inside a user namespace (-r or -U) needs -p too: a user namespace "
+                "may mount /proc only for a PID namespace it owns (unshare -r --mount-proc fails "
+                "the same way); add -p"
+            )
         if self.lo or self.veth is not None:
             self.net = True
         if self.tmpfs or self.bind or self.ro_bind or self.rootfs is not None:

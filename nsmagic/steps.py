@@ -28,6 +28,18 @@ from .spec import Namespaces
 from .syscalls import CloneFlag
 
 
+#: When ``--explain`` asks for it, every step done is written here, as the system call it is,
+#: with the process that made it.
+log: list[tuple[str, str]] | None = None
+where = "child"
+
+
+def record(call: str) -> None:
+    """Note a system call done for ``--explain`` (parts call this for their own steps)."""
+    if log is not None:
+        log.append((where, call))
+
+
 class StepFailed(Exception):
     def __init__(self, step: str, err: int, message: str):
         super().__init__(f"{step}: {message}")
@@ -55,12 +67,13 @@ def enter_namespaces(spec: Namespaces, uid: int, gid: int, *, pid_done: bool) ->
 def set_up_inside(spec: Namespaces) -> None:
     """Step 4, in the process that will run the cell."""
     if spec.mount:
-        _do("mount --make-rprivate /", syscalls.mount, None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+        _do('mount(NULL, "/", NULL, MS_REC|MS_PRIVATE)', syscalls.mount, None, "/", None,
+            syscalls.MS_REC | syscalls.MS_PRIVATE)
     if spec.mount_proc:
-        _do("mount -t proc proc /proc", syscalls.mount, "proc", "/proc", "proc",
-            syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
+        _do('mount("proc", "/proc", "proc", MS_NOSUID|MS_NODEV|MS_NOEXEC)', syscalls.mount, "proc", "/proc",
+            "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
     if spec.hostname is not None:
-        _do(f"sethostname({spec.hostname!r})", socket.sethostname, spec.hostname)
+        _do(f"sethostname({_quote(spec.hostname)})", socket.sethostname, spec.hostname)
 
 
 def _unshare(flags: CloneFlag, *, in_user_ns: bool) -> None:
@@ -69,6 +82,7 @@ def _unshare(flags: CloneFlag, *, in_user_ns: bool) -> None:
     except OSError as e:
         advice = syscalls.advice(flags, e.errno, in_user_ns)
         raise StepFailed(f"unshare({flags.spelled()})", e.errno, f"{os.strerror(e.errno)}; {advice}") from None
+    record(f"unshare({flags.spelled()})")
 
 
 def _write_id_maps(uid: int, gid: int) -> None:
@@ -96,7 +110,7 @@ def _enter_own_time_namespace() -> None:
         finally:
             os.close(fd)
 
-    _do("setns(time_for_children, CLONE_NEWTIME)", enter)
+    _do('setns(open("/proc/self/ns/time_for_children"), CLONE_NEWTIME)', enter)
 
 
 def _write(path: str, text: str) -> None:
@@ -107,7 +121,7 @@ def _write(path: str, text: str) -> None:
         finally:
             os.close(fd)
 
-    _do(f"write {text!r} to {path}", write)
+    _do(f"write({_quote(path)}, {_quote(text)})", write)
 
 
 def _do(step: str, fn, *args) -> None:
@@ -117,6 +131,11 @@ def _do(step: str, fn, *args) -> None:
         err = e.errno or errno.EIO
         hint = _HINTS.get(err, "")
         raise StepFailed(step, err, f"{os.strerror(err)}{hint}") from None
+    record(step)
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 _HINTS = {

@@ -309,7 +309,9 @@ def test_library_run_code(executed):
     out = stdout(executed, "check-run-code")
     assert line_value(out, "value:") == "1   values: {'answer': 42}"
     assert line_value(out, "caught in the kernel:") == "OSError [Errno 101] Network is unreachable"
-    assert "hostname='flags'" in result(executed, "check-from-flags")
+    flags = stdout(executed, "check-from-flags")
+    assert line_value(flags, "options:") == "-u -n   flags: CLONE_NEWUTS|CLONE_NEWNET"
+    assert result(executed, "check-from-flags") == "'flags'"
 
 
 def test_settings_default_options(executed):
