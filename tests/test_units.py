@@ -50,8 +50,11 @@ def test_setup_record_round_trip():
 
 
 def test_implications_follow_unshare():
-    spec = Namespaces(map_root_user=True, mount_proc=True, hostname="h", monotonic=5)
-    assert spec.flags == CloneFlag.NEWUSER | CloneFlag.NEWNS | CloneFlag.NEWUTS | CloneFlag.NEWTIME
+    spec = Namespaces(map_root_user=True, pid=True, mount_proc=True, hostname="h", monotonic=5)
+    assert spec.flags == (CloneFlag.NEWUSER | CloneFlag.NEWPID | CloneFlag.NEWNS | CloneFlag.NEWUTS
+                          | CloneFlag.NEWTIME)
+    with pytest.raises(OptionError, match="needs -p"):
+        Namespaces(map_root_user=True, mount_proc=True)
     assert Namespaces().flags == CloneFlag(0)
     assert Namespaces.from_flags(CloneFlag.NEWNET | CloneFlag.NEWPID).describe() == "-n -p"
 
