@@ -13,6 +13,7 @@ would make a second, confused kernel, and atexit handlers would delete the real 
 from __future__ import annotations
 
 import builtins
+import gc
 import errno as errno_module
 import getpass
 import os
@@ -146,6 +147,9 @@ _stdio = _make_stdio()
 
 def _rewire(plan: Plan) -> None:
     """Own stdio and signals before anything else can run."""
+    # Every object inherited from the kernel goes to the permanent generation, so the child's
+    # garbage collections never write to (and so copy) the kernel's pages (see gc.freeze).
+    gc.freeze()
     set_parent_death_signal(signal.SIGKILL)
     if not plan.pid_done and os.getppid() != plan.kernel_pid:  # the kernel died before prctl()
         os._exit(EXIT_INTERNAL)
@@ -193,7 +197,8 @@ def _become_middle_or_worker(plan: Plan) -> None:
             continue
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
+        if -code != signal.SIGKILL:  # its action cannot be set, and is always the default
+            signal.signal(-code, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {-code})
         os.kill(os.getpid(), -code)
         code = 128 - code

@@ -102,13 +102,21 @@ def set_parent_death_signal(sig: int) -> None:
     _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
 
 
+_capabilities: tuple[int, int] | None = None
+
+
 def has_capability(cap: int) -> bool:
-    """Whether this process has *cap* in its effective set (from ``/proc/self/status``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> cap & 1)
-    return False
+    """Whether this process has *cap* in its effective set (from ``/proc/self/status``, read
+    once per process: a kernel's capabilities do not change while it runs)."""
+    global _capabilities
+    if _capabilities is None or _capabilities[0] != os.getpid():
+        effective = 0
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    effective = int(line.split()[1], 16)
+        _capabilities = (os.getpid(), effective)
+    return bool(_capabilities[1] >> cap & 1)
 
 
 def advice(flags: CloneFlag, err: int, in_user_ns: bool) -> str:

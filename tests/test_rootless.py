@@ -53,3 +53,21 @@ def test_pid_namespace_alone_is_refused_before_the_child_starts(student):
     assert cell.ename == "PrivilegeError"
     assert "PID" in cell.evalue and "-r" in cell.evalue
     assert "body ran" not in cell.stdout
+
+
+def test_nsinfo_tells_a_student_what_needs_r(student):
+    text = student.execute("%nsinfo").ok().result["text/plain"]
+    rows = {line.split()[0]: line for line in text.splitlines()[2:10]}
+    assert rows["user"].split()[3] == "yes"
+    for name in ("mnt", "uts", "ipc", "net", "pid", "cgroup", "time"):
+        assert "with -r" in rows[name] and "add -r" in rows[name]
+    assert f"uid {student.user.pw_uid}" in text
+
+
+def test_explain_rootless_shows_the_maps(student):
+    cell = student.execute("%%innamespace --explain -r -n\nprint('x')").ok()
+    text = cell.of_type("display_data")[0]["content"]["data"]["text/plain"]
+    uid, gid = student.user.pw_uid, student.user.pw_gid
+    assert f'write("/proc/self/uid_map", "0 {uid} 1")' in text
+    assert 'write("/proc/self/setgroups", "deny")' in text
+    assert text.index("setgroups") < text.index("gid_map")
