@@ -59,12 +59,35 @@ def cell_job(shell, code: str, *, shown_source: str, line_offset: int) -> Callab
     def job(channel: Channel) -> Outcome:
         publisher.channel = channel
         shell.display_pub = publisher
+        _forward_kernel_messages(shell, channel)
         outcome = run_prepared(prepared, shell.user_ns, render_traceback=_render(shell),
                                formatter=lambda value: shell.display_formatter.format(value))
         _show_open_figures()
         return outcome
 
     return job
+
+
+def _forward_kernel_messages(shell, channel: Channel) -> None:
+    """Widgets (ipywidgets, ``tqdm.notebook``) talk to the front end through comm messages that
+    ipykernel sends on its IOPub socket, which a fork may not use (the session drops them). Route
+    them through the kernel instead, which sends them as its own; a widget made in the cell then
+    shows and updates live. Messages *from* the front end to such a widget cannot reach the
+    child: buttons and sliders made inside do not call back."""
+    kernel = getattr(shell, "kernel", None)
+    session = getattr(kernel, "session", None)
+    if session is None:
+        return
+    iopub, send = kernel.iopub_socket, session.send
+
+    def forward(stream, msg_or_type, content=None, parent=None, ident=None, buffers=None,
+                track=False, header=None, metadata=None):
+        if stream is iopub and isinstance(msg_or_type, str):
+            channel.iopub(msg_or_type, content or {}, metadata, ident, buffers)
+            return None
+        return send(stream, msg_or_type, content, parent, ident, buffers, track, header, metadata)
+
+    session.send = forward
 
 
 def _render(shell):

@@ -93,6 +93,16 @@ class Channel:
         protocol.send_obj(self.control, Kind.CLEAR_OUTPUT, bool(wait))
         protocol.recv_blocking(self.answers)
 
+    def iopub(self, msg_type: str, content: dict, metadata: dict | None = None, ident=None,
+              buffers=None) -> None:
+        """Have the kernel send a message to the front end for us (a widget's comm traffic)."""
+        self.flush()
+        protocol.send_obj(self.control, Kind.IOPUB, {
+            "msg_type": msg_type, "content": content, "metadata": metadata or {}, "ident": ident,
+            "buffers": [bytes(b) for b in buffers or ()],
+        })
+        protocol.recv_blocking(self.answers)
+
     def ask(self, prompt: str = "", password: bool = False) -> str:
         """Ask the notebook for a line of input, through the kernel's own stdin channel."""
         self.flush()

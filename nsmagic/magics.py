@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from IPython import get_ipython
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
@@ -79,6 +80,12 @@ class NotebookSinks(runner.Sinks):
         from IPython.display import display
 
         display(explanation)
+
+    def iopub(self, msg_type, content, metadata, ident, buffers):
+        kernel = getattr(get_ipython(), "kernel", None)
+        if kernel is not None:
+            kernel.session.send(kernel.iopub_socket, msg_type, content, parent=kernel.get_parent(),
+                                ident=ident, buffers=buffers, metadata=metadata)
 
 
 @magics_class

@@ -19,6 +19,8 @@ hook                runs in        for
 ``explain()``       kernel         lines for ``--explain``: what this part did
 ``cleanup()``       kernel         after the child is reaped, also after a crash, an interrupt
                                    or a timeout: remove what ``prepare``/``host`` made
+``exit_reason()``   kernel         words for how the child died, if this part caused it
+``annotate()``      kernel         a note for the cell's exception, if this part caused it
 ==================  =============  ==========================================================
 
 A hook that fails raises :class:`~nsmagic.errors.OptionError` (``prepare``, for bad values),
@@ -61,6 +63,10 @@ class Part:
         """Words for how the child ended, if this part caused it (an OOM kill); else None."""
         return None
 
+    def annotate(self, error: BaseException) -> str | None:
+        """A note for the cell's exception, if this part caused it (a refused fork); else None."""
+        return None
+
 
 def build(spec: Namespaces) -> list[Part]:
     """The parts *spec* asks for, in the order their hooks must run."""
@@ -90,6 +96,22 @@ def prepare_all(parts: list[Part]) -> None:
     except BaseException:
         cleanup_all(done)
         raise
+
+
+def annotate_all(parts: list[Part], error: BaseException) -> None:
+    """Add the parts' notes to the cell's exception, where plain Python and the notebook show them."""
+    for part in parts:
+        note = part.annotate(error)
+        if not note:
+            continue
+        if hasattr(error, "add_note"):
+            error.add_note(note)
+        shown = getattr(error, "_render_traceback_", None)
+        if shown is not None:
+            try:
+                error._render_traceback_ = lambda shown=shown, note=note: [*shown(), note]
+            except (AttributeError, TypeError):
+                pass
 
 
 def cleanup_all(parts: list[Part]) -> None:

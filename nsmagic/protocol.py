@@ -40,8 +40,11 @@ class Kind(enum.IntEnum):
     READY = 7
     #: Child to kernel: for --explain, the steps it made and its namespaces; answered when shown.
     EXPLAIN = 8
+    #: Child to kernel: a message for the front end that is not display data (a widget's comm
+    #: messages), for the kernel to send as its own; answered when sent.
+    IOPUB = 9
     #: Kernel to child: the answer to INPUT: (ok, text or reason); empty after DISPLAY and
-    #: CLEAR_OUTPUT, READY and EXPLAIN, to say they are done (b"no" after a failed READY).
+    #: CLEAR_OUTPUT, READY, EXPLAIN and IOPUB, to say they are done (b"no" after a failed READY).
     ANSWER = 6
 
 

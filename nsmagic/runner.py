@@ -26,7 +26,7 @@ from .child import Channel, Plan
 from .clone import pid_namespace_in_kernel, reaper, spawn
 from .errors import CellTimeout, ChildDied, OptionError, PrivilegeError, ProtocolError, SetupError
 from .outcome import Outcome, Result, capture, rebuild
-from .parts import build as build_parts, cleanup_all, prepare_all
+from .parts import annotate_all, build as build_parts, cleanup_all, prepare_all
 from .protocol import FrameReader, Kind
 from .spec import Namespaces
 from .syscalls import CAP_SYS_ADMIN, CloneFlag, advice, has_capability
@@ -71,6 +71,9 @@ class Sinks:
 
     def clear_output(self, wait: bool) -> None:
         pass
+
+    def iopub(self, msg_type: str, content: dict, metadata: dict, ident, buffers: list) -> None:
+        """Send a front-end message made in the child (only a kernel can)."""
 
     def explain(self, explanation) -> None:
         """Show an :class:`~nsmagic.explain.Explanation` (``--explain``)."""
@@ -232,7 +235,10 @@ class _Run:
             for fd in (self.out, self.err, self.ctl):
                 os.set_blocking(fd, False)
             report = self._pump()
-            return rebuild(report, Unpacker(memfd, self.namespace), self.pid)
+            result = rebuild(report, Unpacker(memfd, self.namespace), self.pid)
+            if result.error is not None:
+                annotate_all(self.parts, result.error)
+            return result
         except KeyboardInterrupt:
             self._stop(signal.SIGINT)
             raise
@@ -332,6 +338,9 @@ class _Run:
                 self._host_side()
             elif kind is Kind.EXPLAIN:
                 self._explain(protocol.load(payload))
+            elif kind is Kind.IOPUB:
+                self.sinks.iopub(**protocol.load(payload))
+                self._reply(b"")
             if kind is Kind.DISPLAY:
                 msg = protocol.load(payload)
                 self.sinks.display(msg["data"], msg["metadata"], msg["transient"], msg["update"])

@@ -76,6 +76,19 @@ print('progress\\rdone')""").ok()
     assert cell.stdout == "progress\rdone\n"
 
 
+def test_widget_progress_bar_shows_and_updates_from_the_child(kernel):
+    cell = kernel.execute("%%innamespace -n -p\nfrom tqdm.notebook import tqdm\nfor i in tqdm(range(3)):\n    pass").ok()
+    opened = {m["content"]["comm_id"]: m["content"] for m in cell.of_type("comm_open")}
+    assert opened and all(c["target_name"] == "jupyter.widget" for c in opened.values())
+    view = next(m["content"]["data"]["application/vnd.jupyter.widget-view+json"]
+                for m in cell.of_type("display_data"))
+    assert view["model_id"] in opened
+    bars = [cid for cid, c in opened.items() if c["data"]["state"]["_model_name"] == "FloatProgressModel"]
+    updates = [m["content"]["data"]["state"] for m in cell.of_type("comm_msg") if m["content"]["comm_id"] in bars]
+    assert {"value": 3.0} in updates
+    assert cell.stderr == ""
+
+
 def test_fifty_megabytes_of_output_finish_and_memory_stays_bounded(fresh_kernel):
     proc = psutil.Process(fresh_kernel.pid)
     before = proc.memory_info().rss
