@@ -1,0 +1,6 @@
+"""Benchmarks for nsmagic: ``python -m bench --quick`` (under a minute) or ``--full``.
+
+Each target compares nsmagic with a baseline measured in the same run, interleaved, and reports
+medians, the ratio and a PASS/MISS verdict. Nothing here asserts: it is a report. The table also
+goes to ``bench/results/latest.md``.
+"""

@@ -1,0 +1,116 @@
+"""Target 3: the library's run() in a plain Python process, against the usual command-line tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from nsmagic import Namespaces, run
+
+from .core import Verdict, at_least, at_most, interleave, median, ms, say
+
+SPEC = Namespaces(uts=True, ipc=True, pid=True, mount=True, net=True)
+
+
+def nsmagic_run():
+    assert run(lambda: 1, namespaces=SPEC) == 1
+
+
+def fork_pipe():
+    """The floor: fork, the child pickles a small value into a pipe, the parent reads and reaps."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.write(w, pickle.dumps(1))
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert pickle.loads(b"".join(chunks)) == 1
+
+
+def bwrap_cmd():
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return None, "bwrap is not installed"
+    cmd = [bwrap, "--unshare-all", "--dev-bind", "/", "/", "true"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return None, f"bwrap does not work here: {done.stderr.strip()[:120]}"
+    return (lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)), ""
+
+
+def unshare_python(path: str):
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    # sys.executable, not a `python3` found on PATH, which may be a shell shim (pyenv)
+    cmd = [unshare, "-u", "-i", "-p", "-m", "-n", "-f", sys.executable, "-c",
+           f"open({path!r}, 'w').write(repr(1))"]
+
+    def go():
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(path) as f:
+            assert f.read() == "1"
+        os.unlink(path)
+    return go
+
+
+def sample(n: int) -> dict:
+    """Interleaved times of each way that works here; bwrap's absence is recorded, not raised."""
+    nsmagic_run()  # warm up
+    bwrap, why = bwrap_cmd()
+    with tempfile.TemporaryDirectory() as tmp:
+        fns = {"nsmagic": nsmagic_run, "fork": fork_pipe, "bwrap": bwrap,
+               "unshare": unshare_python(os.path.join(tmp, "value"))}
+        fns = {k: f for k, f in fns.items() if f}
+        times = dict(zip(fns, interleave(*fns.values(), n=n)))
+    return {"times": times, "bwrap_missing": why}
+
+
+def library(quick: bool) -> list[Verdict]:
+    """Measured in a fresh interpreter that imports only nsmagic: the library's real setting,
+    without this process's jupyter_client, zmq threads and larger heap."""
+    n = 30 if quick else 200
+    done = subprocess.run([sys.executable, "-m", "bench.library", str(n)], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if done.returncode != 0:
+        raise RuntimeError(f"python -m bench.library failed:\n{done.stderr[-2000:]}")
+    got = json.loads(done.stdout)
+    times, why = got["times"], got["bwrap_missing"]
+    bwrap, unshare = "bwrap" in times, "unshare" in times
+    med = {k: median(v) for k, v in times.items()}
+    say("  library medians: " + ", ".join(f"{k} {ms(v)}" for k, v in med.items()))
+    ns = med["nsmagic"]
+    out = []
+    name = "run(lambda: 1, -u -i -p -m -n) vs bwrap"
+    if bwrap:
+        out.append(at_most(name, f"{ms(med['bwrap'])} (`bwrap --unshare-all --dev-bind / / true`)",
+                           ms(ns), ns / med["bwrap"], 0.6, note=f"median of {n} interleaved"))
+    else:
+        out.append(Verdict(name, "unavailable", ms(ns), None, "<= 0.6x", None, note=why))
+    if unshare:
+        out.append(at_least("run(lambda: 1) vs unshare + python -c", f"{ms(med['unshare'])} "
+                            "(`unshare -uipmnf python -c`, value via a file)", ms(ns),
+                            med["unshare"] / ns, 10, what="x faster"))
+    else:
+        out.append(Verdict("run(lambda: 1) vs unshare + python -c", "unavailable", ms(ns), None,
+                           ">= 10x faster", None, note="unshare(1) is not installed"))
+    out.append(Verdict("floor: os.fork + pipe + small pickle", ms(med["fork"]), ms(ns), ns / med["fork"],
+                       "(information)", None, note="ratio = nsmagic / bare fork"))
+    return out
+
+
+if __name__ == "__main__":
+    json.dump(sample(int(sys.argv[1])), sys.stdout)
