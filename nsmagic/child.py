@@ -28,7 +28,7 @@ from .outcome import Outcome, make_report
 from .protocol import Kind
 from .spec import Namespaces
 from .syscalls import set_parent_death_signal
-from .values import Packer, snapshot
+from .values import Packer
 
 #: Exit statuses of a child that could not even report (seen only if reporting itself failed).
 EXIT_SETUP_FAILED = 121
@@ -238,10 +238,9 @@ def _work(plan: Plan) -> int:
             "calls": steps.log, "inodes": inodes(), "ids": (os.getpid(), os.getuid(), os.getgid()),
         })
         protocol.recv_blocking(plan.answers)
-    kept = snapshot(plan.namespace)
     outcome = plan.job(channel)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the cell is over: nothing left to interrupt
-    report = make_report(outcome, plan.outputs, Packer(plan.memfd, kept))
+    report = make_report(outcome, plan.outputs, Packer(plan.memfd, plan.namespace))
     channel.flush()
     protocol.send_obj(plan.control, Kind.DONE, report)
     return 0

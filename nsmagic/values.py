@@ -9,7 +9,9 @@ value that was built on it.
 
 Classes and functions that the kernel already had when the child was forked travel by
 reference, not by value: an exception of a class defined in the notebook must come back as an
-instance of *that* class, or ``except TutorialError`` would not catch it.
+instance of *that* class, or ``except TutorialError`` would not catch it. An object inherited
+through the fork sits at the same address in both processes, so its ``id`` identifies it; one
+the cell made under the same name has another, and comes back by value instead.
 """
 
 from __future__ import annotations
@@ -38,41 +40,48 @@ class Packed:
     buffers: list[tuple[int, int]] = field(default_factory=list)
 
 
-def snapshot(namespace: dict | None) -> dict[int, tuple[str, object]]:
-    """The classes and functions of *namespace*, taken in the child before any user code runs,
-    when they are still exactly the kernel's."""
-    if not namespace:
-        return {}
-    return {id(v): (k, v) for k, v in list(namespace.items())
-            if isinstance(v, (type, types.FunctionType)) and not k.startswith("__")}
-
-
 _kernel_namespace = threading.local()
 
 
-def _from_kernel(name: str):
-    return _kernel_namespace.ns[name]
+def _from_kernel(name: str, ident: int, by_value: bytes | None):
+    """The kernel's own object under *name*, if it is the very object the child had (same id:
+    inherited through the fork, so at the same address); otherwise the child made it, and its
+    copy by value is used."""
+    namespace = getattr(_kernel_namespace, "ns", None) or {}
+    obj = namespace.get(name)
+    if obj is not None and id(obj) == ident:
+        return obj
+    if by_value is None:
+        raise pickle.UnpicklingError(f"{name!r} was made in the child and cannot be rebuilt here")
+    return pickle.loads(by_value)
 
 
 class _Pickler(cloudpickle.Pickler):
-    def __init__(self, file, kept, buffer_callback):
+    """cloudpickle, except that classes and functions of the job's namespace go by reference."""
+
+    def __init__(self, file, namespace, buffer_callback):
         super().__init__(file, protocol=5, buffer_callback=buffer_callback)
-        self.kept = kept
+        self.namespace = namespace
 
     def reducer_override(self, obj):
-        entry = self.kept.get(id(obj))
-        if entry is not None and entry[1] is obj:
-            return _from_kernel, (entry[0],)
+        if self.namespace and isinstance(obj, (type, types.FunctionType)):
+            name = getattr(obj, "__qualname__", None)
+            if name and self.namespace.get(name) is obj:
+                try:
+                    by_value = cloudpickle.dumps(obj, protocol=5)
+                except Exception:
+                    by_value = None
+                return _from_kernel, (name, id(obj), by_value)
         return super().reducer_override(obj)
 
 
 class Packer:
     """The child's side: pickles values, putting large pieces into the shared memfd."""
 
-    def __init__(self, memfd: int, kept: dict | None = None):
+    def __init__(self, memfd: int, namespace: dict | None = None):
         self.fd = memfd
         self.end = 0
-        self.kept = kept or {}
+        self.namespace = namespace
 
     def _put(self, data) -> tuple[int, int]:
         start = -(-self.end // _ALIGN) * _ALIGN
@@ -98,7 +107,7 @@ class Packer:
             return False
 
         file = io.BytesIO()
-        _Pickler(file, self.kept, out_of_band).dump(obj)
+        _Pickler(file, self.namespace, out_of_band).dump(obj)
         data = file.getvalue()
         if len(data) >= OUT_OF_BAND:
             return Packed(None, self._put(data), spans)

@@ -318,3 +318,11 @@ def test_signal_names_are_in_our_words():
     assert "SIGSEGV" in str(ChildDied(1, signal.SIGSEGV))
     assert "status 3" in str(ChildDied(1, 3 << 8))
     assert os.waitstatus_to_exitcode(3 << 8) == 3
+
+
+def test_a_class_redefined_in_the_cell_comes_back_as_the_cells(kernel):
+    kernel.execute("class Shape:\n    sides = 3").ok()
+    kernel.execute("%%innamespace -n -o made\nclass Shape:\n    sides = 4\nmade = Shape()").ok()
+    assert kernel.value("(made.sides, Shape.sides, type(made) is Shape)") == (4, 3, False)
+    kernel.execute("%%innamespace -n -o kept\nkept = Shape()").ok()
+    assert kernel.value("type(kept) is Shape") is True
