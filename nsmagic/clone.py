@@ -42,9 +42,12 @@ def pid_namespace_in_kernel(spec) -> bool:
     return spec.pid and not spec.user and "user" not in spec.join
 
 
-def spawn(plan: "child_module.Plan", log: list | None = None) -> int:
+def spawn(plan: "child_module.Plan", log: list | None = None, started=None) -> int:
     """Fork the child described by *plan*; return its pid. The child never returns here.
-    With a *log*, the kernel's own system calls are noted there for ``--explain``."""
+
+    *started* is called with the pid as soon as the child exists, before anything else can go
+    wrong, so that the caller can always stop it. With a *log*, the kernel's own system calls
+    are noted there for ``--explain``."""
     note = log.append if log is not None else (lambda entry: None)
     saved = None
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -69,6 +72,8 @@ def spawn(plan: "child_module.Plan", log: list | None = None) -> int:
                 child_module.main(plan)
             finally:
                 os._exit(child_module.EXIT_INTERNAL)
+        if started is not None:
+            started(pid)
         try:
             os.setpgid(pid, pid)  # also done by the child: whichever runs first wins the race
         except OSError:

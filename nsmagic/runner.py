@@ -203,35 +203,30 @@ class _Run:
 
     def run(self) -> Result:
         prepare_all(self.parts)
+        opened: list[int] = []  # every fd of this run, closed at the end whatever happens
         try:
             out, err, ctl, ans = _pipe(), _pipe(), _pipe(), _pipe()
+            opened += [out.read, out.write, err.read, err.write, ctl.read, ctl.write, ans.read, ans.write]
             memfd = os.memfd_create("nsmagic-values", os.MFD_CLOEXEC)
-        except BaseException:
-            cleanup_all(self.parts)
-            raise
-        plan = Plan(
-            spec=self.spec, job=self.job, outputs=self.outputs, kernel_pid=os.getpid(),
-            pid_done=pid_namespace_in_kernel(self.spec), stdout=out.write, stderr=err.write,
-            control=ctl.write, answers=ans.read, memfd=memfd, uid=os.geteuid(), gid=os.getegid(),
-            namespace=self.namespace, parts=self.parts, explain=self.log is not None,
-        )
-        self.sinks.flush()
-        try:
-            self.pid = spawn(plan, self.log)
-        except BaseException:
-            for fd in (out.read, out.write, err.read, err.write, ctl.read, ctl.write, ans.read, ans.write, memfd):
+            opened.append(memfd)
+            plan = Plan(
+                spec=self.spec, job=self.job, outputs=self.outputs, kernel_pid=os.getpid(),
+                pid_done=pid_namespace_in_kernel(self.spec), stdout=out.write, stderr=err.write,
+                control=ctl.write, answers=ans.read, memfd=memfd, uid=os.geteuid(), gid=os.getegid(),
+                namespace=self.namespace, parts=self.parts, explain=self.log is not None,
+            )
+            self.sinks.flush()
+            spawn(plan, self.log, started=self._started)
+            for fd in (out.write, err.write, ctl.write, ans.read):  # the child's ends
+                opened.remove(fd)
                 os.close(fd)
-            cleanup_all(self.parts)
-            raise
-        for fd in (out.write, err.write, ctl.write, ans.read):
-            os.close(fd)
-        self.out, self.err, self.ctl, self.ans = out.read, err.read, ctl.read, ans.write
-        self.decoders = {
-            out.read: (codecs.getincrementaldecoder("utf-8")("replace"), self.sinks.stdout),
-            err.read: (codecs.getincrementaldecoder("utf-8")("replace"), self.sinks.stderr),
-        }
-        try:
+            self.out, self.err, self.ctl, self.ans = out.read, err.read, ctl.read, ans.write
+            self.decoders = {
+                out.read: (codecs.getincrementaldecoder("utf-8")("replace"), self.sinks.stdout),
+                err.read: (codecs.getincrementaldecoder("utf-8")("replace"), self.sinks.stderr),
+            }
             self.pidfd = os.pidfd_open(self.pid)
+            opened.append(self.pidfd)
             for fd in (self.out, self.err, self.ctl):
                 os.set_blocking(fd, False)
             report = self._pump()
@@ -248,9 +243,14 @@ class _Run:
         finally:
             self._flush_decoders()
             self.sinks.flush()
-            for fd in (self.out, self.err, self.ctl, self.ans, memfd, self.pidfd):
-                if fd >= 0:
-                    os.close(fd)
+            for fd in opened:
+                os.close(fd)
+            if not self.pid:  # no child was made: nothing will clean up after it
+                cleanup_all(self.parts)
+
+    def _started(self, pid: int) -> None:
+        """Called by spawn() the moment the child exists, so an interrupt cannot lose it."""
+        self.pid = pid
 
     # -- the pump ---------------------------------------------------------------------------
 
@@ -432,6 +432,8 @@ class _Run:
         if self.settled or not self.pid:
             return
         self.settled = True
+        if self.pidfd < 0:  # interrupted between fork and the pump: no grace, no output to pass on
+            first = signal.SIGKILL
         try:
             if first == signal.SIGINT and self.grace > 0:
                 self._signal(signal.SIGINT)
