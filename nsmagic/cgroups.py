@@ -92,7 +92,8 @@ def check_pids(value) -> int:
 def check_cpus(value) -> float:
     count = os.cpu_count() or 1
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not _MIN_CPUS <= value <= count:
-        raise OptionError(f"--cpus {value!r}: give a fraction of CPUs from {_MIN_CPUS} to {count} "
+        spelled = f"{value:g}" if isinstance(value, float) else repr(value)
+        raise OptionError(f"--cpus {spelled}: give a fraction of CPUs from {_MIN_CPUS} to {count} "
                           f"(this machine's CPUs), e.g. --cpus 0.5")
     return float(value)
 

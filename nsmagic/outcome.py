@@ -171,6 +171,9 @@ def _rebuild_error(rec: ErrorRecord, unpacker: Unpacker) -> BaseException:
             pass
     else:
         exc = cell_error(rec.ename, rec.evalue, lines)
-    exc.__cause__ = ChildTraceback(rec.text)
+    if isinstance(exc, Exception):
+        # Not for SystemExit and KeyboardInterrupt: IPython shows those without a traceback, and
+        # its exception-only formatter breaks on a cause that has none.
+        exc.__cause__ = ChildTraceback(rec.text)
     exc.__suppress_context__ = True
     return exc

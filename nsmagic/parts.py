@@ -11,9 +11,10 @@ hook                runs in        for
 ==================  =============  ==========================================================
 ``prepare()``       kernel         check values, make host resources; before fork, so a bad
                                    value never starts a child
-``before_unshare``  child          setns() into joined namespaces, before new ones are made
+``before_unshare``  child          setns() into joined namespaces, join a cgroup: before new
+                                   namespaces are made
 ``host(pid)``       kernel         while the child waits, its namespaces made and no cell code
-                                   run yet: move a veth end in, put the child in a cgroup
+                                   run yet: move a veth end in
 ``inside()``        the cell's     configure from inside: addresses, routes, mounts
                     process
 ``explain()``       kernel         lines for ``--explain``: what this part did

@@ -128,6 +128,13 @@ def test_syntax_error_is_shown_like_a_plain_cells_and_starts_no_child(kernel):
     assert "ran" not in cell.stdout
 
 
+def test_system_exit_in_the_cell_is_shown_as_in_a_plain_cell(kernel):
+    cell = kernel.execute("%%innamespace -n\nraise SystemExit('bye')")
+    assert (cell.ename, cell.evalue) == ("SystemExit", "bye")
+    assert "AttributeError" not in cell.traceback + cell.stderr
+    assert kernel.value("1 + 1") == 2
+
+
 def test_exception_can_be_caught_by_code_running_the_magic(kernel):
     kernel.execute("class TutorialError(Exception): pass").ok()
     cell = kernel.execute("""try:

@@ -1,0 +1,272 @@
+"""--memory, --pids, --cpus: real cgroups on this machine, checked by what they do to a cell.
+
+Every cell that could hurt the machine (a memory hog, a fork loop) first checks in
+/proc/self/cgroup that it runs in an nsmagic cgroup, and stops otherwise. Each test counts the
+cgroup directories its kernel made, before and after.
+"""
+
+import os
+import time
+
+import pytest
+
+from nsmagic import OptionError, PrivilegeError, SetupError
+from nsmagic.cgroups import Hierarchy, choose, hierarchies, human_size, parse_memory, v2_parent
+
+ROOT = "/sys/fs/cgroup"
+
+
+def cgroups_of(pid: int) -> list[str]:
+    """The cgroup directories a kernel with this pid made and has not removed."""
+    found = []
+    for top, dirs, _ in os.walk(ROOT):
+        found += [os.path.join(top, d) for d in dirs if d.startswith(f"nsmagic-{pid}-")]
+    return found
+
+
+def settled(pid: int, before: list[str], seconds: float = 5.0) -> list[str]:
+    """The kernel's cgroups once the background clean-up of a finished cell is done."""
+    end = time.monotonic() + seconds
+    while (now := cgroups_of(pid)) != before and time.monotonic() < end:
+        time.sleep(0.05)
+    return now
+
+
+#: Cell code: stop unless the cell runs in an nsmagic cgroup of the CONTROLLER's hierarchy.
+GUARD = """
+import os
+assert os.getpid() != {kpid}
+_line = [l for l in open('/proc/self/cgroup').read().splitlines()
+         if '{controller}' in l.split(':', 2)[1].split(',') or l.startswith('0::')]
+if not any('nsmagic-' in l for l in _line):
+    raise RuntimeError('not in an nsmagic {controller} cgroup: ' + repr(_line))
+"""
+
+
+def guard(kernel, controller):
+    return GUARD.format(kpid=kernel.pid, controller=controller)
+
+
+@pytest.mark.parametrize("options", ["", "-p", "-r -p"])
+def test_memory_hog_is_killed_and_reported_as_oom(kernel, options):
+    before = cgroups_of(kernel.pid)
+    cell = kernel.execute(f"%%innamespace {options} --memory 64M\n" + guard(kernel, "memory") + """
+print('limited', flush=True)
+x = bytearray(300 * 2**20)
+print('survived')""")
+    assert cell.ename == "ChildDied", cell.traceback
+    assert "killed by signal 9" in cell.evalue
+    assert "killed by the OOM killer: memory limit 64M" in cell.evalue
+    assert cell.stdout == "limited\n"
+    assert cgroups_of(kernel.pid) == before
+    assert kernel.value("1 + 1") == 2
+
+
+def test_cell_under_memory_limit_runs_and_sees_its_limit(kernel):
+    before = cgroups_of(kernel.pid)
+    limit = kernel.value_in("--memory 64M", """(lambda h: [
+        open(os.path.join(x.own, 'memory.max' if x.v2 else 'memory.limit_in_bytes')).read().strip()
+        for x in h if 'memory' in x.controllers])(__import__('nsmagic.cgroups').cgroups.hierarchies(
+        open('/proc/self/cgroup').read(), open('/proc/self/mountinfo').read()))""".replace("os.", "__import__('os')."))
+    assert limit == [str(64 * 2**20)]
+    assert settled(kernel.pid, before) == before
+
+
+def test_fork_loop_is_stopped_by_the_pids_limit(kernel):
+    before = cgroups_of(kernel.pid)
+    cell = kernel.execute("%%innamespace -p --pids 20\n" + guard(kernel, "pids") + """
+import time
+kids = []
+try:
+    while len(kids) < 100:  # a safety net: the limit stops it at 19
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        kids.append(pid)
+finally:
+    print('forked', len(kids))""")
+    assert cell.ename == "BlockingIOError"
+    assert "the pids limit (20) was reached" in cell.traceback
+    forked = int(cell.stdout.split()[-1])
+    assert 10 <= forked < 20
+    assert settled(kernel.pid, before) == before
+
+
+def busy_loop_rate(kernel, options: str) -> int:
+    cell = kernel.execute(f"%%innamespace {options}\n" + """
+import time
+n, end = 0, time.monotonic() + 1
+while time.monotonic() < end:
+    n += 1
+print(n)""").ok()
+    return int(cell.stdout)
+
+
+def test_cpu_limit_slows_a_busy_loop(kernel):
+    before = cgroups_of(kernel.pid)
+    free = max(busy_loop_rate(kernel, "-p") for _ in range(2))
+    limited = busy_loop_rate(kernel, "-p --cpus 0.2")
+    assert limited / free < 0.45, (limited, free)
+    assert settled(kernel.pid, before) == before
+
+
+@pytest.mark.parametrize("options, named", [
+    ("--memory lots", "--memory"), ("--memory 0", "--memory"), ("--pids 0", "--pids"),
+    ("--pids -3", "--pids"), ("--cpus -1", "--cpus"), ("--cpus 1000", "--cpus"),
+    ("--memory 64M --cpus 0", "--cpus"),
+])
+def test_bad_values_fail_before_the_child_starts(kernel, options, named):
+    before = cgroups_of(kernel.pid)
+    cell = kernel.execute(f"%%innamespace {options}\nprint('body ran')")
+    assert cell.ename == "UsageError"
+    assert named in cell.evalue
+    assert "body ran" not in cell.stdout
+    assert cgroups_of(kernel.pid) == before
+
+
+def test_bad_values_in_the_library_are_option_errors():
+    from nsmagic import Namespaces, run
+    for spec in (Namespaces(memory="lots"), Namespaces(pids=0), Namespaces(cpus=float("nan")),
+                 Namespaces(memory=True), Namespaces(pids=2.5)):
+        with pytest.raises(OptionError):
+            run(os.getpid, namespaces=spec)
+
+
+def test_nothing_is_left_after_a_timeout_or_a_crash(kernel):
+    before = cgroups_of(kernel.pid)
+    limits = "--memory 64M --pids 50 --cpus 0.5"
+    cell = kernel.execute(f"%%innamespace {limits} --timeout 1\nwhile True: pass")
+    assert cell.ename == "CellTimeout"
+    assert cgroups_of(kernel.pid) == before
+    cell = kernel.execute(f"%%innamespace -p {limits}\nimport os\nos._exit(3)")
+    assert cell.ename == "ChildDied" and "status 3" in cell.evalue and "OOM" not in cell.evalue
+    assert cgroups_of(kernel.pid) == before
+
+
+def test_processes_that_outlive_the_cell_are_killed_with_its_cgroup(kernel):
+    before = cgroups_of(kernel.pid)
+    cell = kernel.execute("%%innamespace --pids 10 -o sleeper\n" + guard(kernel, "pids") + """
+import subprocess
+sleeper = subprocess.Popen(['sleep', '60'], start_new_session=True).pid""").ok()
+    sleeper = kernel.value("sleeper")
+    end = time.monotonic() + 5
+    while time.monotonic() < end and _alive(sleeper):
+        time.sleep(0.05)
+    assert not _alive(sleeper)
+    assert settled(kernel.pid, before) == before
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_empty_cgroups_of_dead_kernels_are_swept(kernel):
+    """A kernel killed while a cell ran cannot clean up; the next cell with limits does."""
+    [pids] = [h for h in hierarchies(open(f"/proc/{kernel.pid}/cgroup").read(), open("/proc/self/mountinfo").read())
+              if "pids" in h.controllers]
+    never_alive = int(open("/proc/sys/kernel/pid_max").read()) + 1
+    stale = os.path.join(pids.own if not pids.v2 else os.path.dirname(pids.own), f"nsmagic-{never_alive}-1")
+    os.mkdir(stale)
+    try:
+        kernel.execute("%%innamespace --pids 10\n1").ok()
+        assert not os.path.exists(stale)
+    finally:
+        if os.path.exists(stale):
+            os.rmdir(stale)
+
+
+def test_cgroup_namespace_is_rooted_at_the_cells_cgroup(kernel):
+    lines = kernel.value_in("-C --memory 64M --pids 20", "open('/proc/self/cgroup').read().splitlines()")
+    limited = [line for line in lines if {"memory", "pids"} & set(line.split(":")[1].split(","))]
+    assert limited and all(line.endswith(":/") for line in limited)
+
+
+@pytest.mark.rootless
+def test_rootless_without_a_delegated_cgroup_fails_before_the_child_starts(rootless_kernel):
+    rootless_kernel.execute("%load_ext nsmagic").ok()
+    for options in ("--memory 64M", "-r -p --pids 20"):
+        cell = rootless_kernel.execute(f"%%innamespace {options}\nprint('body ran')")
+        assert cell.ename == "PrivilegeError", cell.traceback
+        assert "not writable" in cell.evalue and "Delegate=yes" in cell.evalue
+        assert options.split()[-2] in cell.evalue
+        assert "body ran" not in cell.stdout
+        assert len(cell.traceback.splitlines()) == 1
+
+
+# -- the choice of places, with files under a temporary directory standing in for /sys/fs/cgroup
+
+def test_sizes():
+    assert parse_memory("64M") == parse_memory("64m") == parse_memory("64MiB") == 64 * 2**20
+    assert parse_memory("1.5G") == 3 * 2**29
+    assert parse_memory(4096) == 4096
+    assert human_size(64 * 2**20) == "64M" and human_size(1000) == "1000 bytes"
+    for bad in ("lots", "", "-1M", "12X", 0, -5, True, 1.5):
+        with pytest.raises(OptionError, match="--memory"):
+            parse_memory(bad)
+
+
+def _tree(tmp_path, layout: dict[str, dict[str, str]]):
+    for rel, files in layout.items():
+        d = tmp_path / rel
+        d.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (d / name).write_text(text)
+
+
+def test_hybrid_host_uses_v1_controllers_and_the_kernels_own_cgroup(tmp_path):
+    _tree(tmp_path, {"unified": {"cgroup.controllers": "hugetlb\n"}})
+    mountinfo = "\n".join([
+        f"35 31 0:32 / {tmp_path}/memory rw,relatime - cgroup cgroup rw,memory",
+        f"32 31 0:29 / {tmp_path}/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct",
+        f"39 31 0:36 / {tmp_path}/pids rw,relatime - cgroup cgroup rw,pids",
+        f"41 31 0:38 / {tmp_path}/unified rw,relatime - cgroup2 cgroup2 rw",
+        "25 1 8:1 / / rw - ext4 /dev/sda1 rw",
+    ])
+    proc = "8:pids:/\n4:memory:/process_api/abc\n1:cpu,cpuacct:/user.slice\n0::/\n"
+    found = hierarchies(proc, mountinfo)
+    assert Hierarchy(False, frozenset({"memory"}), f"{tmp_path}/memory/process_api/abc", f"{tmp_path}/memory") in found
+    assert Hierarchy(False, frozenset({"cpu", "cpuacct"}), f"{tmp_path}/cpu,cpuacct/user.slice",
+                     f"{tmp_path}/cpu,cpuacct") in found
+    chosen = choose(["memory", "pids", "cpu"], found)
+    assert {h.own: c for h, c in chosen.items()} == {
+        f"{tmp_path}/memory/process_api/abc": {"memory"}, f"{tmp_path}/pids": {"pids"},
+        f"{tmp_path}/cpu,cpuacct/user.slice": {"cpu"}}
+    with pytest.raises(SetupError, match="--memory: this machine offers no memory cgroup controller"):
+        choose(["memory"], [h for h in found if "memory" not in h.controllers])
+
+
+def test_pure_v2_puts_the_cells_cgroup_beside_the_kernels(tmp_path):
+    scope = "user.slice/user-1000.slice/user@1000.service/app.slice/run-r1.scope"
+    _tree(tmp_path, {
+        "": {"cgroup.controllers": "cpuset cpu io memory pids\n", "cgroup.subtree_control": "cpu io memory pids\n"},
+        scope: {"cgroup.controllers": "cpu memory pids\n", "cgroup.subtree_control": ""},
+    })
+    mountinfo = f"30 23 0:26 / {tmp_path.as_posix().replace(' ', chr(92) + '040')} rw - cgroup2 cgroup2 rw,nsdelegate"
+    [h] = hierarchies(f"0::/{scope}\n", mountinfo)
+    assert h.v2 and h.controllers == {"cpuset", "cpu", "io", "memory", "pids"} and h.own == f"{tmp_path}/{scope}"
+    assert v2_parent(h, {"memory", "pids", "cpu"}) == f"{tmp_path}/{os.path.dirname(scope)}"
+
+
+def test_pure_v2_names_a_controller_the_parent_does_not_give(tmp_path):
+    _tree(tmp_path, {"user.slice/session-3.scope": {"cgroup.controllers": "memory pids\n"}})
+    h = Hierarchy(True, frozenset({"cpu", "memory", "pids"}), f"{tmp_path}/user.slice/session-3.scope", str(tmp_path))
+    with pytest.raises(PrivilegeError, match=r"--cpus: the cpu controller is not enabled in .*user.slice/cgroup.subtree_control"):
+        v2_parent(h, {"memory", "cpu"})
+
+
+def test_pure_v2_root_cgroup_is_used_itself(tmp_path):
+    _tree(tmp_path, {"": {"cgroup.subtree_control": "cpu memory pids\n"}})
+    h = Hierarchy(True, frozenset({"cpu", "memory", "pids"}), str(tmp_path), str(tmp_path))
+    assert v2_parent(h, {"memory", "pids"}) == str(tmp_path)
+
+
+def test_pure_v2_container_top_with_processes_is_refused(tmp_path):
+    _tree(tmp_path, {"": {"cgroup.controllers": "memory pids\n", "cgroup.subtree_control": ""}})
+    h = Hierarchy(True, frozenset({"memory", "pids"}), str(tmp_path), str(tmp_path))
+    with pytest.raises(PrivilegeError, match="top of the cgroup v2 tree.*has processes"):
+        v2_parent(h, {"memory"})
