@@ -78,6 +78,8 @@ class Mounts(Part):
     def __init__(self, spec: Namespaces):
         self.spec = spec
         self.root: str | None = None
+        #: The root filesystem's /proc and /dev, resolved inside it.
+        self.proc = self.dev = ""
         self.mounts: list[_Mount] = []
         self.devices: list[str] = []
         self.pivot_nr = 0
@@ -86,10 +88,10 @@ class Mounts(Part):
 
     def prepare(self) -> None:
         if self.spec.rootfs is not None:
-            self.root = _check_rootfs(self.spec.rootfs)
+            self.root, self.proc, self.dev = _check_rootfs(self.spec.rootfs)
             self.pivot_nr = _pivot_root_number()
             self.devices = [name for name in _DEVICES if os.path.exists(f"/dev/{name}")]
-            _warm_tracebacks()
+            _preload()
         for directory in _listed("--tmpfs", self.spec.tmpfs):
             self.mounts.append(self._tmpfs(directory))
         for option, values in (("--bind", self.spec.bind), ("--ro-bind", self.spec.ro_bind)):
@@ -129,7 +131,7 @@ class Mounts(Part):
             target = os.path.realpath(path)
             shown = target
         else:
-            shown = os.path.normpath("/" + path)
+            shown = os.path.normpath(os.path.join("/", path))
             target = _in_root(option, self.root, shown)
         if target == (self.root or "/"):
             raise OptionError(f"{option}: cannot mount over /; to give the cell another root "
@@ -141,10 +143,10 @@ class Mounts(Part):
         root = self.root
         if root is not None:
             lines += [f"mount --rbind {root} {root}   (pivot_root(2) needs a mount point)",
-                      f"mount -t proc proc {root}/proc   (the host's /proc bound instead if Linux "
+                      f"mount -t proc proc {self.proc}   (the host's /proc bound instead if Linux "
                       "refuses a fresh one: a user namespace without -p)",
-                      f"mount -t tmpfs tmpfs {root}/dev; bind /dev/{{{','.join(self.devices)}}} into it; "
-                      f"mount -t devpts devpts {root}/dev/pts"]
+                      f"mount -t tmpfs tmpfs {self.dev}; bind /dev/{{{','.join(self.devices)}}} into it; "
+                      f"mount -t devpts devpts {self.dev}/pts"]
         for m in self.mounts:
             if m.kind == "tmpfs":
                 lines.append(f"mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs {m.target}")
@@ -163,8 +165,8 @@ class Mounts(Part):
         root = self.root
         if root is not None:
             _step(f"mount --rbind {root} {root}", syscalls.mount, root, root, None, MS_BIND | syscalls.MS_REC)
-            _mount_proc(root)
-            _mount_dev(root, self.devices)
+            _mount_proc(self.proc)
+            _mount_dev(self.dev, self.devices)
         for m in self.mounts:
             if m.kind == "tmpfs":
                 _step(f"mount -t tmpfs tmpfs {m.shown}", syscalls.mount, "tmpfs", m.target, "tmpfs",
@@ -196,7 +198,8 @@ def _stat(option: str, path: str, what: str, root: str | None) -> os.stat_result
                           "denied); make it and its parent directories searchable (chmod o+x)") from None
 
 
-def _check_rootfs(value) -> str:
+def _check_rootfs(value) -> tuple[str, str, str]:
+    """The root filesystem's real path, and those of its /proc and /dev."""
     option = f"--rootfs {value}"
     if not isinstance(value, str) or not value:
         raise OptionError("--rootfs needs the directory of a root filesystem")
@@ -209,11 +212,13 @@ def _check_rootfs(value) -> str:
     if not os.access(root, os.R_OK | os.X_OK):
         raise OptionError(f"{option}: uid {os.geteuid()} cannot read it; make it readable and "
                           "searchable (chmod 755)")
+    found = []
     for sub in ("proc", "dev"):
-        if not os.path.isdir(_in_root(option, root, f"/{sub}")):
+        found.append(_in_root(option, root, f"/{sub}"))
+        if not os.path.isdir(found[-1]):
             raise OptionError(f"{option}: it has no /{sub} directory to mount on, so it does not look "
                               f"like a root filesystem (if it is one, mkdir {value.rstrip('/')}/{sub})")
-    return root
+    return root, found[0], found[1]
 
 
 def _in_root(option: str, root: str, path: str) -> str:
@@ -255,32 +260,37 @@ def _pivot_root_number() -> int:
     return known[1]
 
 
-_warmed = False
+_preloaded = False
 
 
-def _warm_tracebacks() -> None:
-    """Format one traceback with the notebook's shell, in the kernel, once.
+def _preload() -> None:
+    """Import in the kernel, once, what a notebook cell may need only after pivot_root, when
+    no module can be imported any more that was not imported before.
 
-    After pivot_root no module can be imported that was not imported before, and IPython loads
-    the modules that colour a traceback (pygments' style and lexer) on first use: a cell that
-    raised would then die in the formatting instead of failing with its own exception."""
-    global _warmed
+    IPython loads some of its machinery on first use: the modules that colour a traceback
+    (pygments' style and lexer; a cell that raised would die in the formatting instead of
+    failing with its own exception) and, since IPython 9, pexpect, which runs ``!cmd``."""
+    global _preloaded
     ipython = sys.modules.get("IPython")
     shell = ipython.get_ipython() if ipython is not None else None
-    if _warmed or shell is None:
+    if _preloaded or shell is None:
         return
+    try:
+        import pexpect  # noqa: F401
+    except ImportError:  # not installed: nothing to load
+        pass
     formatter = shell.InteractiveTB
-    kept = formatter.__dict__.get("tb", _warm_tracebacks)  # %debug debugs the last one it formatted
+    kept = formatter.__dict__.get("tb", _preload)  # %debug debugs the last one it formatted
     try:
         raise RuntimeError("nsmagic warms up IPython's traceback formatting")
     except RuntimeError as e:
         formatter.structured_traceback(type(e), e, e.__traceback__, tb_offset=0)
     finally:
-        if kept is _warm_tracebacks:
+        if kept is _preload:
             formatter.__dict__.pop("tb", None)
         else:
             formatter.tb = kept
-    _warmed = True
+    _preloaded = True
 
 
 # -- mounting, in the child ----------------------------------------------------------------
@@ -293,6 +303,7 @@ def _step(step: str, fn, *args) -> None:
         hint = {
             errno.EPERM: " (mounting needs privilege in the mount namespace; -r gives it without root)",
             errno.ENOENT: " (a destination inside another of the cell's mounts must exist there)",
+            errno.EOVERFLOW: " (the cell's uid is not mapped in its user namespace; add -r)",
         }.get(err, "")
         raise StepFailed(step, err, f"{os.strerror(err)}{hint}") from None
 
@@ -334,11 +345,10 @@ def _unescape(path: str) -> str:
     return path
 
 
-def _mount_proc(root: str) -> None:
+def _mount_proc(target: str) -> None:
     """A fresh /proc, which with -p lists only the namespace's processes. Linux refuses one in a
     user namespace that does not also own the PID namespace (rootless without -p); the /proc the
     child sees is bound instead, as rootless podman does for a container sharing the host's PIDs."""
-    target = f"{root}/proc"
     try:
         syscalls.mount("proc", target, "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
     except OSError as e:
@@ -347,21 +357,25 @@ def _mount_proc(root: str) -> None:
         _step(f"mount --rbind /proc {target}", syscalls.mount, "/proc", target, None, MS_BIND | syscalls.MS_REC)
 
 
-def _mount_dev(root: str, devices: list[str]) -> None:
+def _mount_dev(dev: str, devices: list[str]) -> None:
     """bubblewrap's ``--dev``: a tmpfs with the harmless host devices bound in, the usual links,
     and a private devpts, which ``!cmd`` needs (IPython runs commands on a pseudo-terminal)."""
-    dev = f"{root}/dev"
     _step(f"mount -t tmpfs tmpfs {dev}", syscalls.mount, "tmpfs", dev, "tmpfs", _TMPFS_FLAGS, "mode=755")
+
+    def populate():
+        for name in devices:
+            os.close(os.open(f"{dev}/{name}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+        for name, to in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx")):
+            os.symlink(to, f"{dev}/{name}")
+        os.mkdir(f"{dev}/shm")
+        os.chmod(f"{dev}/shm", 0o1777)
+        os.mkdir(f"{dev}/pts", 0o755)
+
+    _step(f"make the nodes, links and directories of {dev}", populate)
     for name in devices:
         node = f"{dev}/{name}"
-        os.close(os.open(node, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
         _step(f"mount --bind /dev/{name} {node}", syscalls.mount, f"/dev/{name}", node, None, MS_BIND)
-    for name, to in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                     ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx")):
-        os.symlink(to, f"{dev}/{name}")
-    os.mkdir(f"{dev}/shm", 0o1777)
-    os.chmod(f"{dev}/shm", 0o1777)
-    os.mkdir(f"{dev}/pts", 0o755)
     _step(f"mount -t devpts devpts {dev}/pts", syscalls.mount, "devpts", f"{dev}/pts", "devpts",
           syscalls.MS_NOSUID | syscalls.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
 
