@@ -34,11 +34,13 @@ class Explanation:
     #: The cell's pid, uid and gid as it sees them, and its pid as the kernel sees it.
     cell_ids: tuple[int, int, int] = (0, 0, 0)
     kernel_view_pid: int = 0
+    #: Kinds entered with --join-* (named as in /proc/self/ns), shown as "joined", not "new".
+    joined: set[str] = field(default_factory=set)
 
     def _rows(self):
         for name in NAMESPACES:
             k, c = self.kernel.get(name, "-"), self.cell.get(name, "-")
-            yield name, k, c, "new" if k != c else "shared"
+            yield name, k, c, "shared" if k == c else "joined" if name in self.joined else "new"
 
     def _repr_html_(self) -> str:
         calls = "".join(
@@ -86,6 +88,8 @@ WHY = {
     "timens_offsets": "clock offsets, set before any process enters the time namespace",
     "time_for_children": "enter the new time namespace",
     "fork()": "a new PID namespace holds only the children made after it: this fork makes its PID 1",
+    "SIOCSIFFLAGS": "bring lo up (ip link set lo up): a new network namespace starts with it down",
+    "setns(": "enter an existing namespace, as nsenter(1) does",
 }
 
 

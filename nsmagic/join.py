@@ -22,7 +22,7 @@ import os
 from .errors import OptionError, PrivilegeError
 from .parts import Part
 from .spec import Namespaces
-from .steps import StepFailed
+from .steps import StepFailed, record
 from .syscalls import CloneFlag, setns
 
 #: ioctl(2) on a namespace file: its CLONE_NEW* type (Linux 4.11).
@@ -72,19 +72,20 @@ class JoinNamespaces(Part):
 
     def _enter(self, kind: str, fd: int, may_refuse: bool = False) -> bool:
         """setns(2) into one namespace; False if refused and *may_refuse* (to retry later)."""
+        call = f"setns({self.paths[kind]}, CLONE_{_FLAGS[kind].name})"
         try:
             setns(fd, _FLAGS[kind])
+            record(call)
             return True
         except OSError as e:
             err = e.errno or errno.EIO
             if may_refuse and err == errno.EPERM:
                 return False
-            raise StepFailed(f"setns({self.paths[kind]}, CLONE_{_FLAGS[kind].name}) for --join-{kind}",
+            raise StepFailed(f"{call} for --join-{kind}",
                              err, f"{os.strerror(err)}{_advice(kind, err)}") from None
 
     def explain(self) -> list[str]:
-        return [f"joined the {kind} namespace of {target} ({self.paths.get(kind, '?')}) with setns(2)"
-                for kind, target in self.targets.items()]
+        return [f"open({path}) + ioctl(NS_GET_NSTYPE)  [--join-{kind}]" for kind, path in self.paths.items()]
 
     def cleanup(self) -> None:
         fds, self.fds = self.fds, {}
@@ -150,6 +151,7 @@ def _become_root_inside() -> None:
     for change in (os.setgid, os.setuid):
         try:
             change(0)
+            record(f"{change.__name__}(0)")
         except OSError as e:
             if e.errno != errno.EINVAL:  # EINVAL: 0 is not mapped there
                 raise StepFailed(f"{change.__name__}(0) after --join-user", e.errno,

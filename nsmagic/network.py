@@ -7,17 +7,18 @@ lives, so ``--veth`` needs a kernel run as root.
 
 The kernel does all the netlink work, with pyroute2, and the child none: pyroute2 is slow to
 import and builds an asyncio loop per socket, neither of which a fresh fork should pay for, and
-doing it from the kernel also works when the namespace's owner is a new user namespace. The
-pair is made in ``prepare()`` (so a refusal comes before any child exists), with its host end
-addressed and up; in ``host(pid)`` the other end is moved into the child's namespace and renamed
-``eth0``, then configured through a netlink socket opened *in* that namespace: a thread of the
-kernel enters it with setns(2) (a network namespace belongs to a thread, not to the process),
-opens the socket and ends. pyroute2's sync API cannot run in a thread whose asyncio loop is
-running, which a Jupyter kernel's main thread is, so every netlink exchange runs in such a
-short-lived thread (about 0.2 ms to start).
+from the kernel it also works when a new user namespace owns the child's network namespace.
+``prepare()`` checks the values and chooses the addresses against those on the host, so a bad
+or clashing value never starts a child. ``host(pid)`` makes the pair with its inner end born in
+the child's namespace as ``eth0`` (moving an existing link there costs an RCU grace period,
+~25 ms; this costs ~1.5 ms), addresses and raises the host end, then configures ``eth0`` and the
+default route through a netlink socket opened *in* the child's namespace: a thread of the kernel
+enters it with setns(2) (a network namespace belongs to a thread, not to the process), opens the
+socket and ends. pyroute2's sync API cannot run in a thread whose asyncio loop is running, which
+a Jupyter kernel's main thread is, so every netlink exchange runs in such a short-lived thread.
 
-Deleting the host end deletes the pair; so does the end of the child's network namespace, once
-the peer is inside it, so even a killed kernel leaves nothing behind after ``host(pid)``.
+Deleting the host end deletes the pair, and so does the end of the child's network namespace:
+even a kernel killed mid-cell leaves nothing behind, since its child dies with it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import threading
 from .errors import OptionError, PrivilegeError, SetupError
 from .parts import Part
 from .spec import Namespaces
-from .steps import StepFailed
+from .steps import StepFailed, record
 from .syscalls import CloneFlag, has_capability, setns
 
 CAP_NET_ADMIN = 12
@@ -83,7 +84,6 @@ class Network(Part):
         self.host_ip: ipaddress.IPv4Interface | None = None
         self.child_ip: ipaddress.IPv4Interface | None = None
         self.host_ifname: str | None = None
-        self.peer_ifname: str | None = None
 
     # -- kernel, before fork ----------------------------------------------------------------
 
@@ -99,20 +99,24 @@ class Network(Part):
             )
         wanted = _parse(self.veth) if self.veth else None
         _pyroute2()
-        self._netlink(lambda ipr: self._create(ipr, wanted))
+        self.host_ip, self.child_ip = self._netlink(lambda ipr: _choose(ipr, wanted, self.veth))
 
-    def _create(self, ipr, wanted) -> None:
-        """Choose the addresses, make the pair, address and raise the host end."""
-        if wanted is None:
-            self.host_ip, self.child_ip = _free_link_local(_host_networks(ipr))
-        else:
-            self.host_ip, self.child_ip = wanted
-            _check_unused(ipr, self.host_ip.network, self.veth)
+    # -- kernel, while the child waits --------------------------------------------------------
+
+    def host(self, pid: int) -> None:
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._netlink(lambda ipr: self._make_pair(ipr, fd))
+        finally:
+            os.close(fd)
+
+    def _make_pair(self, ipr, netns_fd: int) -> None:
+        """Make the pair with its inner end born in the child's namespace (moving it there
+        later would cost an RCU grace period, ~25 ms), then configure each end."""
         for _ in range(16):
-            n = next(_serial) % 0x100000
-            host, peer = f"nsm{os.getpid():x}h{n:x}", f"nsm{os.getpid():x}c{n:x}"
+            name = f"nsm{os.getpid():x}-{next(_serial) % 0x100000:x}"
             try:
-                ipr.link("add", ifname=host, kind="veth", peer=peer)
+                ipr.link("add", ifname=name, kind="veth", peer={"ifname": CHILD_IFNAME, "net_ns_fd": netns_fd})
             except _NetlinkError as e:
                 if e.code == errno.EEXIST:
                     continue
@@ -120,41 +124,23 @@ class Network(Part):
             break
         else:
             raise SetupError("--veth: could not find a free name for a veth pair (nsm...)")
-        self.host_ifname, self.peer_ifname = host, peer
+        self.host_ifname = name
         with _ours_changed:
-            _ours[host] = self.host_ip.network
+            _ours[name] = self.host_ip.network
+        step = f"configuring the host end {name}"
         try:
-            index = ipr.link_lookup(ifname=host)[0]
+            index = ipr.link_lookup(ifname=name)[0]
             ipr.addr("add", index=index, address=str(self.host_ip.ip), prefixlen=self.host_ip.network.prefixlen)
             ipr.link("set", index=index, state="up")
+            step = f"configuring {CHILD_IFNAME} inside the child"
+            setns(netns_fd, CloneFlag.NEWNET)  # this thread only; it ends after
+            with _IPRoute() as inner:
+                index = inner.link_lookup(ifname=CHILD_IFNAME)[0]
+                inner.addr("add", index=index, address=str(self.child_ip.ip), prefixlen=self.child_ip.network.prefixlen)
+                inner.link("set", index=index, state="up")
+                inner.route("add", dst="0.0.0.0/0", gateway=str(self.host_ip.ip), oif=index)
         except _NetlinkError as e:
-            raise _kernel_error(f"configuring the host end {host} of the veth pair", e) from None
-
-    # -- kernel, while the child waits --------------------------------------------------------
-
-    def host(self, pid: int) -> None:
-        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self._netlink(lambda ipr: self._move_in(ipr, fd))
-            self._netlink(self._configure_child_end, netns_fd=fd)
-        finally:
-            os.close(fd)
-
-    def _move_in(self, ipr, fd: int) -> None:
-        try:
-            index = ipr.link_lookup(ifname=self.peer_ifname)[0]
-            ipr.link("set", index=index, net_ns_fd=fd, ifname=CHILD_IFNAME)
-        except _NetlinkError as e:
-            raise _kernel_error(f"moving {self.peer_ifname} into the child's network namespace", e) from None
-
-    def _configure_child_end(self, ipr) -> None:
-        try:
-            index = ipr.link_lookup(ifname=CHILD_IFNAME)[0]
-            ipr.addr("add", index=index, address=str(self.child_ip.ip), prefixlen=self.child_ip.network.prefixlen)
-            ipr.link("set", index=index, state="up")
-            ipr.route("add", dst="0.0.0.0/0", gateway=str(self.host_ip.ip), oif=index)
-        except _NetlinkError as e:
-            raise _kernel_error(f"configuring {CHILD_IFNAME} inside the child", e) from None
+            raise _kernel_error(step, e) from None
 
     # -- the cell's process -----------------------------------------------------------------
 
@@ -168,16 +154,19 @@ class Network(Part):
     # -- kernel, after ----------------------------------------------------------------------
 
     def explain(self) -> list[str]:
-        lines = []
-        if self.veth is not None and self.host_ip is not None:
-            lines.append(
-                f"veth pair: {self.host_ifname} on the host ({self.host_ip}) <-> {CHILD_IFNAME} "
-                f"inside ({self.child_ip}), default route via {self.host_ip.ip}; "
-                "$NSMAGIC_VETH_HOST and $NSMAGIC_VETH_CHILD hold the addresses"
-            )
-        if self.lo:
-            lines.append("lo brought up inside (ioctl SIOCSIFFLAGS IFF_UP)")
-        return lines
+        """The kernel's netlink requests, as the ``ip`` commands a student would type (CHILD: the
+        child's network namespace, which a thread of the kernel entered for the last three)."""
+        if self.host_ifname is None:
+            return []
+        h, c = self.host_ifname, CHILD_IFNAME
+        return [
+            f"ip link add {h} type veth peer {c} netns CHILD",
+            f"ip addr add {self.host_ip} dev {h}",
+            f"ip link set {h} up",
+            f"ip -n CHILD addr add {self.child_ip} dev {c}",
+            f"ip -n CHILD link set {c} up",
+            f"ip -n CHILD route add default via {self.host_ip.ip}",
+        ]
 
     def cleanup(self) -> None:
         host, self.host_ifname = self.host_ifname, None
@@ -190,16 +179,14 @@ class Network(Part):
                 _ours.pop(host, None)
                 _ours_changed.notify_all()
 
-    def _netlink(self, fn, netns_fd: int | None = None):
-        """``fn(ipr)`` in a thread of its own, whose asyncio loop pyroute2 may run; with
-        *netns_fd*, the thread first enters that network namespace, so the socket is opened
-        there."""
+    @staticmethod
+    def _netlink(fn):
+        """``fn(ipr)`` in a thread of its own, where pyroute2 may run its asyncio loop and which
+        may enter another network namespace."""
         box: dict = {}
 
         def work():
             try:
-                if netns_fd is not None:
-                    setns(netns_fd, CloneFlag.NEWNET)
                 with _IPRoute() as ipr:
                     box["value"] = fn(ipr)
             except BaseException as e:
@@ -242,6 +229,7 @@ def _bring_up(ifname: str) -> None:
             ifreq = struct.pack("16sH22x", ifname.encode(), 0)
             flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
             fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", ifname.encode(), flags | IFF_UP))
+        record(f"ioctl(SIOCSIFFLAGS, {ifname}, IFF_UP)")
     except OSError as e:
         err = e.errno or errno.EIO
         raise StepFailed(f"ioctl(SIOCSIFFLAGS, {ifname} up)", err,
@@ -306,6 +294,14 @@ def _host_networks(ipr) -> list[tuple[ipaddress.IPv4Network, str]]:
         net = ipaddress.IPv4Network(f"{addr.get('address')}/{addr['prefixlen']}", strict=False)
         out.append((net, names.get(addr["index"], f"#{addr['index']}")))
     return out
+
+
+def _choose(ipr, wanted, value: str):
+    """The two ends' addresses: *wanted* if the host does not use its network, else a free pair."""
+    if wanted is None:
+        return _free_link_local(_host_networks(ipr))
+    _check_unused(ipr, wanted[0].network, value)
+    return wanted
 
 
 def _check_unused(ipr, net: ipaddress.IPv4Network, value: str) -> None:

@@ -106,7 +106,7 @@ def check_outputs(names) -> list[str]:
 def check_privileges(spec: Namespaces) -> None:
     """Refuse before forking what the kernel certainly may not do (bubblewrap's rule)."""
     needs_admin = spec.flags & ~CloneFlag.NEWUSER
-    if needs_admin and not spec.user and not has_capability(CAP_SYS_ADMIN):
+    if needs_admin and not spec.user and "user" not in spec.join and not has_capability(CAP_SYS_ADMIN):
         raise PrivilegeError(f"{needs_admin.spelled()}: {advice(needs_admin, errno.EPERM, False)}")
 
 
@@ -371,7 +371,7 @@ class _Run:
             calls += [("kernel", line, "") for line in part.explain()]
         self.sinks.explain(explain.Explanation(
             calls=calls, kernel=explain.inodes(), cell=report["inodes"], cell_ids=report["ids"],
-            kernel_view_pid=self.pid))
+            kernel_view_pid=self.pid, joined=set(self.spec.join)))
         self._reply(b"")
 
     def _answer(self, prompt: str, password: bool) -> None:

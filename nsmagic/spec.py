@@ -101,6 +101,9 @@ class Namespaces:
         for kind in self.join:
             if kind not in kinds:
                 raise OptionError(f"cannot join a {kind!r} namespace; joinable: {', '.join(kinds)}")
+            if kind == "net" and (self.lo or self.veth is not None):
+                raise OptionError("--lo and --veth set up a fresh network namespace, so they cannot go "
+                                  "with --join-net; configure the joined namespace from inside the cell")
             if getattr(self, kinds[kind]):
                 raise OptionError(
                     f"--join-{kind} and a fresh {kind} namespace in one cell: a process is in one "
