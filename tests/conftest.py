@@ -1,5 +1,7 @@
 """Shared fixtures."""
 
+from contextlib import contextmanager
+
 import pytest
 
 import rootless
@@ -18,30 +20,30 @@ def rootless_kernel():
         yield kernel
 
 
+@contextmanager
+def _kernel_with_nsmagic():
+    from kernel import Kernel
+
+    k = Kernel.start()
+    try:
+        k.execute("%load_ext nsmagic").ok()
+        yield k
+    finally:
+        k.shutdown()
+
+
 @pytest.fixture(scope="session")
 def kernel():
     """A real ipykernel (jupyter_client) with nsmagic loaded, shared by the session's tests.
 
     Tests must leave it usable; those that may break a kernel start their own.
     """
-    from kernel import Kernel
-
-    k = Kernel.start()
-    try:
-        k.execute("%load_ext nsmagic").ok()
+    with _kernel_with_nsmagic() as k:
         yield k
-    finally:
-        k.shutdown()
 
 
 @pytest.fixture
 def fresh_kernel():
     """A kernel of the test's own, for tests that count what a kernel leaks or interrupt it."""
-    from kernel import Kernel
-
-    k = Kernel.start()
-    try:
-        k.execute("%load_ext nsmagic").ok()
+    with _kernel_with_nsmagic() as k:
         yield k
-    finally:
-        k.shutdown()

@@ -8,9 +8,13 @@ succeed. Each test then reads the outputs of one cell, found by its ``check-*`` 
 from __future__ import annotations
 
 import ast
+import base64
+import importlib.util
+import ipaddress
 import os
 import re
 import socket
+import struct
 from pathlib import Path
 
 import nbformat
@@ -25,7 +29,10 @@ EXPECTED_ERRORS = {
     "check-timeout": "CellTimeout",
     "check-output-error": "OutputError",
     "check-cell-error": "OSError",
+    "check-memory": "ChildDied",
 }
+
+NS_KINDS = ("cgroup", "ipc", "mnt", "net", "pid", "time", "user", "uts")
 
 
 def _mount_points() -> set[str]:
@@ -44,6 +51,14 @@ def _tour_dirs() -> set[str]:
 
     tmp = tempfile.gettempdir()
     return {name for name in os.listdir(tmp) if name.startswith("nsmagic-tour-")}
+
+
+def _leftovers(kernel_pid: int) -> list[str]:
+    """Host-side things nsmagic makes for a cell of that kernel (veth host ends, cgroups), still there."""
+    found = [name for _, name in socket.if_nameindex() if name.startswith(f"nsm{kernel_pid:x}-")]
+    for top, dirs, _ in os.walk("/sys/fs/cgroup"):
+        found += [os.path.join(top, d) for d in dirs if d.startswith(f"nsmagic-{kernel_pid}-")]
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +112,21 @@ def error(nb, tag: str):
     return errors[0] if errors else None
 
 
+def outputs_of(nb, tag: str, kind: str) -> list:
+    return [o for o in cell(nb, tag).outputs if o.output_type == kind]
+
+
+def kernel_pid(nb) -> int:
+    return int(line_value(stdout(nb, "check-kernel"), "pid:"))
+
+
+def kernel_namespaces(nb) -> dict[str, str]:
+    """The kernel's namespaces as section 1 printed them: kind -> 'net:[4026531833]'."""
+    found = dict(re.findall(r"^/proc/self/ns/(\w+)\s+-> (\S+)$", stdout(nb, "check-kernel"), re.M))
+    assert sorted(found) == sorted(NS_KINDS)
+    return found
+
+
 def line_value(text: str, label: str) -> str:
     """The rest of the line that starts with *label*."""
     for line in text.splitlines():
@@ -141,6 +171,8 @@ def test_the_host_is_as_before(executed, host_before):
     assert _mount_points() == host_before["mounts"]
     assert _message_queues() == host_before["queues"]
     assert _tour_dirs() == host_before["tour_dirs"]
+    # the veth pair and the cgroups made for the cells of section 18 are gone
+    assert _leftovers(kernel_pid(executed)) == []
 
 
 # -- one test per section -------------------------------------------------------------------------
@@ -150,7 +182,7 @@ def test_kernel_view(executed):
     out = stdout(executed, "check-kernel")
     assert int(line_value(out, "pid:")) > 1
     assert line_value(out, "hostname:") == socket.gethostname()
-    for kind in ("cgroup", "ipc", "mnt", "net", "pid", "time", "user", "uts"):
+    for kind in NS_KINDS:
         assert re.search(rf"^/proc/self/ns/{kind}\s+-> {kind}:\[\d+\]$", out, re.M), kind
 
 
@@ -319,3 +351,142 @@ def test_settings_default_options(executed):
     assert line_value(out, "pid with default_options '--pid --mount-proc':") == "1"
     pid, kernel = re.search(r"pid with no default options: (\d+) \(kernel: (\d+) \)", out).groups()
     assert pid not in ("1", kernel)
+
+
+# -- the newer features: %nsinfo, --explain, rich output, containers from scratch ------------------
+
+
+def test_nsinfo_is_the_first_cell_after_load_ext(executed):
+    code = [c for c in executed.cells if c.cell_type == "code"]
+    assert code[0].source.strip() == "%load_ext nsmagic"
+    assert code[1].source.strip() == "%nsinfo"
+    assert "check-nsinfo" in code[1].metadata.get("tags", [])
+
+
+def test_nsinfo_lists_every_kind_with_the_kernels_namespace(executed):
+    out, = outputs_of(executed, "check-nsinfo", "execute_result")
+    text, html = out.data["text/plain"], out.data["text/html"]
+    assert "what this kernel (uid 0) can isolate" in text
+    for kind, link in kernel_namespaces(executed).items():
+        row = re.search(rf"^{kind}\s+-\w\s+(\S+)\s+(yes|with -r|no)\b", text, re.M)
+        assert row, (kind, text)
+        assert row.groups() == (link, "yes"), row.group(0)  # the kernel runs as root: everything works
+        assert f"<td><code>{kind}</code></td>" in html and f"<code>{link}</code>" in html
+    assert re.search(r"^cgroups: (v1|v2|hybrid)", text, re.M)
+
+
+def test_explain_shows_the_calls_and_the_namespaces(executed):
+    shown = outputs_of(executed, "check-explain", "display_data")
+    assert len(shown) == 1
+    text, html = shown[0].data["text/plain"], shown[0].data["text/html"]
+    calls = re.findall(r"^  \[(\w+)\s*\] (\S.*?)  ", text, re.M)  # (where, system call), in order
+    made = [call for _, call in calls]
+    where = dict((call, place) for place, call in calls)
+    assert where["unshare(CLONE_NEWPID)"] == "kernel"
+    assert where['sethostname("box")'] == "child"
+    assert where['mount("proc", "/proc", "proc", MS_NOSUID|MS_NODEV|MS_NOEXEC)'] == "child"
+    fork = next(call for call in made if call.startswith("fork() = "))
+    assert where[fork] == "kernel"
+    # the PID namespace is made before the fork, the others in the child after it
+    assert made.index("unshare(CLONE_NEWPID)") < made.index(fork) < made.index('sethostname("box")')
+    child = re.search(r"fork\(\) = (\d+)", text).group(1)
+    assert f"The cell runs as pid 1, uid 0, gid 0; the kernel's child is pid {child}." in text
+    kernel = kernel_namespaces(executed)
+    for kind in NS_KINDS:
+        row = re.search(rf"^  {kind}\s+(\S+)\s+(\S+)\s+(new|shared)$", text, re.M)
+        assert row, (kind, text)
+        assert row.group(1) == kernel[kind]
+        expected = "new" if kind in ("mnt", "uts", "net", "pid") else "shared"
+        assert row.group(3) == expected, row.group(0)
+        assert (row.group(1) != row.group(2)) == (expected == "new")
+    assert "<code>unshare(CLONE_NEWPID)</code>" in html and "<b>new</b>" in html
+    # the account comes first, then the cell's own output
+    outputs = cell(executed, "check-explain").outputs
+    assert outputs[0].output_type == "display_data"
+    assert line_value(stdout(executed, "check-explain"), "pid") == "1 on box with new namespaces: ['mnt', 'net', 'pid', 'uts']"
+
+
+def test_rich_output_from_inside(executed):
+    outputs = cell(executed, "check-rich").outputs
+    shown = [o for o in outputs if o.output_type == "display_data"]
+    htmls = [o.data["text/html"] for o in shown if "text/html" in o.data]
+    assert htmls == ["<b>Hello from PID 1</b>, in a network namespace with <code>lo</code> only"]
+    pngs = [o.data["image/png"] for o in shown if "image/png" in o.data]
+    if importlib.util.find_spec("matplotlib") is None:
+        assert pngs == []
+    else:
+        assert len(pngs) == 1
+        png = base64.b64decode(pngs[0])
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")
+        width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
+        assert width <= 300 and height <= 200, (width, height)  # figsize=(4, 2.5) at 72 dpi
+        assert outputs.index(next(o for o in shown if "image/png" in o.data)) > outputs.index(shown[0])
+    bar = stderr(executed, "check-rich")
+    if importlib.util.find_spec("tqdm") is None:
+        assert bar == ""
+    else:
+        assert "inside: 100%" in bar and "20/20" in bar
+
+
+def test_lo_makes_127_0_0_1_work(executed):
+    out = stdout(executed, "check-lo")
+    assert ast.literal_eval(line_value(out, "states:")) == {"lo": "UP"}
+    assert line_value(out, "127.0.0.1 works:") == "hello over lo"
+
+
+def test_veth_links_the_cell_to_the_host(executed):
+    out = stdout(executed, "check-veth")
+    assert [name for _, name in ast.literal_eval(line_value(out, "interfaces:"))] == ["lo", "eth0"]
+    host, child = re.search(r"host end: (\S+)\s+cell end: (\S+)", out).groups()
+    host, child = ipaddress.ip_address(host), ipaddress.ip_address(child)
+    assert host != child and host in ipaddress.ip_network("169.254.0.0/16")
+    assert ipaddress.ip_network(f"{child}/30", strict=False) == ipaddress.ip_network(f"{host}/30", strict=False)
+    assert re.search(rf"^eth0\S*\s+UP\s+{re.escape(str(child))}/30", out, re.M)  # from !ip -brief address
+    assert re.search(r"^lo\s+\S+\s+127\.0\.0\.1/8", out, re.M)
+    assert "1 packets transmitted, 1 received" in out or f"the host end answered: {host}" in out
+
+
+def test_memory_limit_ends_in_the_oom_killer(executed):
+    err = error(executed, "check-memory")
+    assert err is not None and err.ename == "ChildDied"
+    assert "killed by signal 9" in err.evalue
+    assert "killed by the OOM killer: memory limit 64M" in err.evalue
+    held = [int(n) for n in re.findall(r"(\d+) MiB", stdout(executed, "check-memory"))]
+    assert held and held[0] == 8
+    assert max(held) < 64  # holding 64 MiB of its own would be over the limit
+
+
+def test_pids_limit_stops_forks(executed):
+    out = stdout(executed, "check-pids")
+    started = int(re.search(r"started (\d+) of 20 sleep processes", out).group(1))
+    assert 1 <= started < 10  # the cell itself is one of the 10
+    assert line_value(out, "fork refused:").startswith("BlockingIOError [Errno 11]")
+
+
+def test_tmpfs_and_ro_bind(executed):
+    out = stdout(executed, "check-mounts")
+    assert re.search(r"^/tmp/nsmagic-tour-\S+/view\s+\S+\s+ro,", out, re.M)  # from !findmnt
+    assert re.search(r"^/tmp/nsmagic-tour-\S+/scratch\s+tmpfs\s+rw,", out, re.M)
+    assert line_value(out, "in view:") == "['notes.txt'] -> written by the kernel"
+    assert line_value(out, "writing in view:") == "EROFS Read-only file system"
+    assert line_value(out, "in scratch:") == "['temp.txt']"
+    kernel = stdout(executed, "check-mounts-kernel")
+    assert line_value(kernel, "data in the kernel:") == "['notes.txt']"
+    assert line_value(kernel, "view in the kernel:") == "[]"
+    assert line_value(kernel, "scratch in the kernel:") == "[]"
+
+
+def test_rootfs_is_the_cells_whole_world(executed):
+    out = stdout(executed, "check-rootfs")
+    assert line_value(out, "/ holds:") == "['bin', 'dev', 'proc', 'tmp']   hostname: box"
+    assert line_value(out, "the kernel's interpreter file exists here:") == "False"
+    if os.access("/bin/busybox", os.X_OK):  # busybox-static: installed here and in CI
+        lines = out.splitlines()
+        assert ["bin", "dev", "proc", "tmp"] in [line.split() for line in lines]  # from !ls /
+        assert "box" in lines  # from !hostname
+        rows = [line.split(None, 2) for line in lines if re.match(r"^\s*\d+\s", line)]
+        pids = {int(pid): command for pid, _, command in rows}  # from !ps
+        assert "python" in pids[1]
+        assert any(command.startswith("{ps}") or command.startswith("ps") for command in pids.values())
+        assert max(pids) < 10  # only the container's own processes
+    assert line_value(stdout(executed, "check-rootfs-cleanup"), "removed:") == "True"
