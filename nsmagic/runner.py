@@ -24,7 +24,7 @@ from typing import Any, Callable
 from . import explain, protocol, source
 from .child import Channel, Plan
 from .clone import pid_namespace_in_kernel, reaper, spawn
-from .errors import CellTimeout, ChildDied, OptionError, PrivilegeError, ProtocolError, SetupError
+from .errors import CellTimeout, ChildDied, OptionError, PrivilegeError, SetupError
 from .outcome import Outcome, Result, capture, rebuild
 from .parts import annotate_all, build as build_parts, cleanup_all, prepare_all
 from .protocol import FrameReader, Kind

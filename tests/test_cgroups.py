@@ -146,7 +146,7 @@ def test_nothing_is_left_after_a_timeout_or_a_crash(kernel):
 
 def test_processes_that_outlive_the_cell_are_killed_with_its_cgroup(kernel):
     before = cgroups_of(kernel.pid)
-    cell = kernel.execute("%%innamespace --pids 10 -o sleeper\n" + guard(kernel, "pids") + """
+    kernel.execute("%%innamespace --pids 10 -o sleeper\n" + guard(kernel, "pids") + """
 import subprocess
 sleeper = subprocess.Popen(['sleep', '60'], start_new_session=True).pid""").ok()
     sleeper = kernel.value("sleeper")

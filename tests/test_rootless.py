@@ -69,5 +69,6 @@ def test_explain_rootless_shows_the_maps(student):
     text = cell.of_type("display_data")[0]["content"]["data"]["text/plain"]
     uid, gid = student.user.pw_uid, student.user.pw_gid
     assert f'write("/proc/self/uid_map", "0 {uid} 1")' in text
+    assert f'write("/proc/self/gid_map", "0 {gid} 1")' in text
     assert 'write("/proc/self/setgroups", "deny")' in text
     assert text.index("setgroups") < text.index("gid_map")
