@@ -152,7 +152,10 @@ def _make_stdio():
             open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False))
 
 
-_stdio = _make_stdio()
+try:
+    _stdio = _make_stdio()
+except OSError:  # fds 0-2 closed in this process (a daemon): make them in each child instead
+    _stdio = None
 
 
 def _rewire(plan: Plan) -> None:
@@ -173,7 +176,7 @@ def _rewire(plan: Plan) -> None:
     os.dup2(plan.stderr, 2)
     for fd in (devnull, plan.stdout, plan.stderr):
         os.close(fd)
-    sys.stdin, sys.stdout, sys.stderr = _stdio
+    sys.stdin, sys.stdout, sys.stderr = _stdio or _make_stdio()
     channel = Channel(plan.control, plan.answers)
     builtins.input = channel.ask
     getpass.getpass = lambda prompt="Password: ", stream=None: channel.ask(prompt, password=True)
