@@ -144,6 +144,26 @@ def test_nothing_is_left_after_a_timeout_or_a_crash(kernel):
     assert cgroups_of(kernel.pid) == before
 
 
+def test_nothing_is_left_after_an_interrupt(fresh_kernel):
+    k = fresh_kernel
+    before = cgroups_of(k.pid)
+    msg_id = k.kc.execute("%%innamespace -p --memory 64M --pids 20 --cpus 0.5\n"
+                          "import time\nprint('started', flush=True)\ntime.sleep(60)")
+    during = None
+    while during is None:
+        msg = k.kc.get_iopub_msg(timeout=20)
+        if msg["parent_header"].get("msg_id") == msg_id and "started" in msg["content"].get("text", ""):
+            during = cgroups_of(k.pid)
+    assert len(during) > len(before)  # the cell's cgroups exist while it runs
+    k.km.interrupt_kernel()
+    while True:
+        reply = k.kc.get_shell_msg(timeout=30)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert settled(k.pid, before) == before
+
+
 def test_processes_that_outlive_the_cell_are_killed_with_its_cgroup(kernel):
     before = cgroups_of(kernel.pid)
     kernel.execute("%%innamespace --pids 10 -o sleeper\n" + guard(kernel, "pids") + """

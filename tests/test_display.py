@@ -38,6 +38,15 @@ def test_rich_display_is_the_same_as_a_plain_cells(kernel):
     assert [kind for kind, *_ in inside] == ["stream", "display_data", "display_data", "display_data", "stream"]
 
 
+def test_dataframes_look_the_same_as_in_a_plain_cell(kernel):
+    code = "import pandas as pd\ndf = pd.DataFrame({'ns': ['net', 'pid'], 'new': [True, False]})\ndisplay(df)\ndf"
+    plain = kernel.execute(code).ok()
+    inside = kernel.execute("%%innamespace -n\n" + code).ok()
+    assert shown(inside) == shown(plain)
+    assert "<table" in inside.result["text/html"]
+    assert [k for k, *_ in shown(inside)] == ["display_data", "execute_result"]
+
+
 def test_update_display_and_clear_output(kernel):
     cell = kernel.execute("""%%innamespace -n
 from IPython.display import HTML, display, clear_output
