@@ -41,6 +41,9 @@ class Packed:
 
 
 _kernel_namespace = threading.local()
+#: Types pickled by the standard library alone: setting up a cloudpickle pickler costs a fresh
+#: fork more than pickling them.
+_PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None)})
 
 
 def _from_kernel(name: str, ident: int, by_value: bytes | None):
@@ -94,6 +97,9 @@ class Packer:
         return start, offset - start
 
     def pack(self, obj) -> Packed:
+        if type(obj) in _PLAIN:  # the common small result: no cloudpickle machinery to set up
+            data = pickle.dumps(obj, protocol=5)
+            return Packed(None, self._put(data)) if len(data) >= OUT_OF_BAND else Packed(data)
         spans: list[tuple[int, int]] = []
 
         def out_of_band(buf: pickle.PickleBuffer) -> bool:

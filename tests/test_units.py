@@ -99,3 +99,24 @@ def test_line_magic_split_keeps_code_verbatim():
     assert magics._split_line("--timeout=3 -1 + 2") == ("--timeout=3 ", "-1 + 2")
     assert magics._split_line("--veth print(1)") == ("--veth ", "print(1)")
     assert magics._split_line("--veth 10.1.1.1/30 f()") == ("--veth 10.1.1.1/30 ", "f()")
+
+
+def test_values_round_trip_through_a_memfd():
+    import os
+
+    import numpy as np
+
+    from nsmagic.values import OUT_OF_BAND, Packer, Unpacker
+
+    fd = os.memfd_create("test")
+    try:
+        packer, values = Packer(fd), [42, "x" * (2 * OUT_OF_BAND), {"k": [1, 2]}, np.arange(100_000)]
+        packed = [packer.pack(v) for v in values]
+        assert packed[0].inline is not None and packed[1].inline is None  # big pickles go to the memfd
+        assert packed[3].buffers and packed[3].inline is not None  # the array's data went out of band
+        back = [Unpacker(fd).unpack(p) for p in packed]
+        assert back[:3] == values[:3] and (back[3] == values[3]).all()
+        back[3][0] = -1  # writable: a private copy-on-write mapping
+        assert back[3][0] == -1
+    finally:
+        os.close(fd)
