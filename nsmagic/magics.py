@@ -232,7 +232,7 @@ class InNamespaceMagics(Magics):
         parser = self.innamespace.parser
         pos = 0
         while True:
-            m = re.compile(r"\s*(\S+)").match(line, pos)
+            m = _TOKEN.match(line, pos)
             if m is None:
                 return line, ""
             token = m.group(1)
@@ -243,10 +243,13 @@ class InNamespaceMagics(Magics):
             pos = m.end()
             takes = _takes_value(parser, token)
             if takes:
-                value = re.compile(r"\s*(\S+)").match(line, pos)
+                value = _TOKEN.match(line, pos)
                 # An optional value (--veth) is taken only if it looks like one (an address).
                 if value is not None and (takes != "?" or value.group(1)[:1].isdigit()):
                     pos = value.end()
+
+
+_TOKEN = re.compile(r"\s*(\S+)")
 
 
 def _is_number(token: str) -> bool:
