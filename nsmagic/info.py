@@ -68,7 +68,7 @@ class Info:
         rows = "".join(
             f"<tr><td><code>{k.name}</code></td><td><code>{_LETTER[k.flag]}</code></td>"
             f"<td><code>{html.escape(k.inode)}</code></td><td>{k.status}</td>"
-            f"<td>{html.escape(k.hint)}</td></tr>"
+            f"<td>{_limit(k)}</td><td>{html.escape(k.hint)}</td></tr>"
             for k in self.kinds
         )
         settings = "".join(f"<tr><td><code>{html.escape(n)}</code></td><td>{html.escape(v)}</td></tr>"
@@ -76,19 +76,24 @@ class Info:
         return (
             f"<p><b>nsmagic</b>: what this kernel (uid {self.uid}) can isolate, probed just now</p>"
             "<table><thead><tr><th>namespace</th><th>flag</th><th>kernel's inode</th>"
-            "<th>can create</th><th>hint</th></tr></thead>"
+            "<th>can create</th><th>max_*_namespaces</th><th>hint</th></tr></thead>"
             f"<tbody>{rows}</tbody></table>"
             f"<table><tbody><tr><td>cgroups</td><td>{html.escape(self.cgroup)}</td></tr>{settings}</tbody></table>"
         )
 
     def __repr__(self) -> str:
         lines = [f"nsmagic: what this kernel (uid {self.uid}) can isolate, probed just now",
-                 f"{'namespace':<10} {'flag':<4} {'kernel inode':<20} {'create':<8} hint"]
+                 f"{'namespace':<10} {'flag':<4} {'kernel inode':<20} {'create':<8} {'limit':<8} hint"]
         for k in self.kinds:
-            lines.append(f"{k.name:<10} {_LETTER[k.flag]:<4} {k.inode:<20} {k.status:<8} {k.hint}")
+            lines.append(f"{k.name:<10} {_LETTER[k.flag]:<4} {k.inode:<20} {k.status:<8} {_limit(k):<8} {k.hint}")
         lines.append(f"cgroups: {self.cgroup}")
         lines += [f"{n}: {v}" for n, v in self.settings.items()]
         return "\n".join(lines)
+
+
+def _limit(kind: Kind) -> str:
+    """The kind's /proc/sys/user/max_*_namespaces value: how many a user may have at once."""
+    return "-" if kind.limit is None else str(kind.limit)
 
 
 def probe() -> Info:

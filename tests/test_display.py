@@ -138,6 +138,7 @@ def test_nsinfo_reports_this_machine(kernel):
         assert os.readlink(f"/proc/{kernel.pid}/ns/{name}") in html
         row = next(line for line in text.splitlines() if line.startswith(name + " "))
         assert row.split()[3] == "yes"  # root: every kind can be made directly
+        assert row.split()[4] == open(f"/proc/sys/user/max_{name}_namespaces").read().strip()
     assert cgroup_version() in text
     assert open("/proc/sys/user/max_user_namespaces").read().strip() in text
 
