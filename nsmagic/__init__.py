@@ -49,6 +49,7 @@ def unload_ipython_extension(ipython) -> None:
     """``%unload_ext nsmagic``: remove the magics again."""
     from .magics import InNamespaceMagics
 
-    for kind in ("line", "cell"):
-        ipython.magics_manager.magics[kind].pop("innamespace", None)
+    for kind, names in InNamespaceMagics.magics.items():
+        for name in names:
+            ipython.magics_manager.magics[kind].pop(name, None)
     ipython.configurables[:] = [c for c in ipython.configurables if not isinstance(c, InNamespaceMagics)]

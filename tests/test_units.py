@@ -120,3 +120,18 @@ def test_values_round_trip_through_a_memfd():
         assert back[3][0] == -1
     finally:
         os.close(fd)
+
+
+def test_unload_and_reload_the_extension():
+    from IPython.testing.globalipapp import get_ipython
+
+    from nsmagic.magics import InNamespaceMagics
+
+    ip = get_ipython()
+    ip.run_line_magic("load_ext", "nsmagic")
+    ip.run_line_magic("unload_ext", "nsmagic")
+    assert not {"innamespace", "nsinfo"} & set(ip.magics_manager.magics["line"])
+    assert "innamespace" not in ip.magics_manager.magics["cell"]
+    ip.run_line_magic("load_ext", "nsmagic")
+    assert sum(isinstance(c, InNamespaceMagics) for c in ip.configurables) == 1
+    assert ip.run_line_magic("innamespace", "-p __import__('os').getpid()") == 1
