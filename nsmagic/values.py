@@ -20,6 +20,7 @@ import io
 import mmap
 import os
 import pickle
+import sys
 import threading
 import types
 from dataclasses import dataclass, field
@@ -131,7 +132,11 @@ class Unpacker:
     def _map(self) -> memoryview:
         if self._view is None:
             size = os.fstat(self.fd).st_size
-            m = mmap.mmap(self.fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            # Before Python 3.13 the mapping keeps a duplicate of the memfd open for as long as a
+            # value built on it lives; 3.13 can do without it.
+            untracked = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+            m = mmap.mmap(self.fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                          **untracked)
             self._view = memoryview(m)
         return self._view
 
