@@ -121,7 +121,7 @@ def main(plan: Plan) -> None:
         _rewire(plan)
         for part in plan.parts:
             part.before_unshare()
-        if (plan.spec.pid and not plan.pid_done) or "pid" in plan.spec.join:
+        if two_stage(plan.spec, plan.pid_done):
             _become_middle_or_worker(plan)
         else:
             steps.enter_namespaces(plan.spec, plan.uid, plan.gid, pid_done=plan.pid_done)
@@ -144,6 +144,12 @@ def main(plan: Plan) -> None:
         os._exit(status)
 
 
+def two_stage(spec: Namespaces, pid_done: bool) -> bool:
+    """Whether the cell runs in a grandchild (PID 1 of a namespace the child made or joined),
+    with the child staying behind only to pass on how it ended."""
+    return bool(spec.pid and not pid_done) or "pid" in spec.join
+
+
 def _make_stdio():
     """The child's text streams on fds 0/1/2, made once in the kernel and never written there:
     each child inherits them empty, and building them in a fresh fork would cost more."""
@@ -151,6 +157,8 @@ def _make_stdio():
             open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False),
             open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False))
 
+
+_inherited: list = []
 
 try:
     _stdio = _make_stdio()
@@ -176,6 +184,9 @@ def _rewire(plan: Plan) -> None:
     os.dup2(plan.stderr, 2)
     for fd in (devnull, plan.stdout, plan.stderr):
         os.close(fd)
+    # The kernel's own streams stay referenced, so that no finalizer flushes what they still
+    # hold (the kernel shows that) into this child's pipes, or sends it from here.
+    _inherited.append((sys.stdin, sys.stdout, sys.stderr))
     sys.stdin, sys.stdout, sys.stderr = _stdio or _make_stdio()
     channel = Channel(plan.control, plan.answers)
     builtins.input = channel.ask
@@ -243,9 +254,18 @@ def _work(plan: Plan) -> int:
         protocol.recv_blocking(plan.answers)
     outcome = plan.job(channel)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the cell is over: nothing left to interrupt
-    report = make_report(outcome, plan.outputs, Packer(plan.memfd, plan.namespace))
+    packer = Packer(plan.memfd, plan.namespace)
+    report = make_report(outcome, plan.outputs, packer)
     channel.flush()
     protocol.send_obj(plan.control, Kind.DONE, report)
+    if report.parked is not None:  # the kernel copies them out of this process: stay until it has
+        try:
+            _, answer = protocol.recv_blocking(plan.answers)
+        except EOFError:  # the kernel gave up on this cell
+            return 0
+        if answer == b"push":
+            packer.push()
+            protocol.send(plan.control, Kind.PUSHED)
     return 0
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ChildTraceback, OutputError, cell_error
-from .values import Packed, Packer, Unpacker
+from .values import Packed, Packer, Parked, Unpacker
 
 #: Marks "no value" (a cell whose last statement is not an expression), unlike ``None``.
 NOTHING = type("Nothing", (), {"__repr__": lambda self: "NOTHING", "__bool__": lambda self: False})()
@@ -55,6 +55,8 @@ class Report:
     values: dict[str, Packed] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     error: ErrorRecord | None = None
+    #: Large pieces the kernel fetches from the child before it lets the child exit.
+    parked: Parked | None = None
 
 
 def capture(fn, *args, **kwargs) -> Outcome:
@@ -93,6 +95,7 @@ def make_report(outcome: Outcome, outputs: list[str], packer: Packer) -> Report:
             report.values[name] = packer.pack(value)
         except Exception as e:
             report.failed[name] = f"cannot pickle a {type(value).__module__}.{type(value).__qualname__}: {e}"
+    report.parked = packer.parked()
     return report
 
 

@@ -34,7 +34,9 @@ class Kind(enum.IntEnum):
     CLEAR_OUTPUT = 3
     #: Child to kernel: ``input()`` asks the notebook: (prompt, password).
     INPUT = 4
-    #: Child to kernel: the cell is over; the report (see :mod:`nsmagic.outcome`).
+    #: Child to kernel: the cell is over; the report (see :mod:`nsmagic.outcome`). If it has
+    #: parked pieces, the child waits for the answer: empty once the kernel has copied them,
+    #: b"push" to have them written into the memfd instead (then PUSHED follows).
     DONE = 5
     #: Child to kernel: my namespaces are made; do your side (a veth, a cgroup) and answer.
     READY = 7
@@ -43,8 +45,11 @@ class Kind(enum.IntEnum):
     #: Child to kernel: a message for the front end that is not display data (a widget's comm
     #: messages), for the kernel to send as its own; answered when sent.
     IOPUB = 9
+    #: Child to kernel: the parked pieces are in the memfd now.
+    PUSHED = 10
     #: Kernel to child: the answer to INPUT: (ok, text or reason); empty after DISPLAY and
-    #: CLEAR_OUTPUT, READY, EXPLAIN and IOPUB, to say they are done (b"no" after a failed READY).
+    #: CLEAR_OUTPUT, READY, EXPLAIN and IOPUB, to say they are done (b"no" after a failed READY);
+    #: after DONE, see there.
     ANSWER = 6
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import explain, protocol, source
-from .child import Channel, Plan
+from .child import Channel, Plan, two_stage
 from .clone import pid_namespace_in_kernel, reaper, spawn
 from .errors import CellTimeout, ChildDied, OptionError, PrivilegeError, SetupError
 from .outcome import Outcome, Result, capture, rebuild
@@ -48,12 +48,12 @@ class Sinks:
     """
 
     flush_every = 1 << 20
-
-    def __init__(self) -> None:
-        self._unflushed = 0
+    _unflushed = 0  # class defaults: a subclass need not call __init__
+    _written = False
 
     def _write(self, stream, text: str) -> None:
         stream.write(text)
+        self._written = True
         self._unflushed += len(text)
         if self._unflushed >= self.flush_every:
             self._unflushed = 0
@@ -86,6 +86,13 @@ class Sinks:
         return input(prompt)
 
     def flush(self) -> None:
+        """Flush what this run wrote, so that it is shown before anything published next.
+
+        Only then: a flush of ipykernel's streams waits for its IO thread, and costs an empty
+        cell about as much as the rest of its round trip."""
+        if not self._written:
+            return
+        self._written = False
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -200,6 +207,8 @@ class _Run:
         self.settled = False
         self.reader = FrameReader()
         self.decoders = {}
+        self.unpacker: Unpacker | None = None
+        self.pushed = None  # a report whose pieces the child is writing into the memfd
 
     def run(self) -> Result:
         prepare_all(self.parts)
@@ -215,7 +224,6 @@ class _Run:
                 control=ctl.write, answers=ans.read, memfd=memfd, uid=os.geteuid(), gid=os.getegid(),
                 namespace=self.namespace, parts=self.parts, explain=self.log is not None,
             )
-            self.sinks.flush()
             spawn(plan, self.log, started=self._started)
             for fd in (out.write, err.write, ctl.write, ans.read):  # the child's ends
                 opened.remove(fd)
@@ -229,8 +237,9 @@ class _Run:
             opened.append(self.pidfd)
             for fd in (self.out, self.err, self.ctl):
                 os.set_blocking(fd, False)
+            self.unpacker = Unpacker(memfd, self.namespace)
             report = self._pump()
-            result = rebuild(report, Unpacker(memfd, self.namespace), self.pid)
+            result = rebuild(report, self.unpacker, self.pid)
             if result.error is not None:
                 annotate_all(self.parts, result.error)
             return result
@@ -329,8 +338,15 @@ class _Run:
         for kind, payload in self.reader.feed(data):
             self._drain_streams()
             if kind is Kind.DONE:
+                report = protocol.load(payload)
+                if report.parked is not None and not self._fetch(report.parked):
+                    self.pushed = report
+                    continue
                 self._settle()
-                return protocol.load(payload)
+                return report
+            if kind is Kind.PUSHED and self.pushed is not None:
+                self._settle()
+                return self.pushed
             if kind is Kind.SETUP_FAILED:
                 self._settle()
                 raise _setup_error(*protocol.parse_setup_record(payload))
@@ -351,6 +367,27 @@ class _Run:
             elif kind is Kind.INPUT:
                 self._answer(*protocol.load(payload))
         return None
+
+    def _fetch(self, parked) -> bool:
+        """Copy the child's large pieces straight out of its memory, then let it go; False if
+        it must write them into the memfd instead (it has been asked to)."""
+        try:
+            pulled = self.unpacker.pull(self._worker_pid(), parked)
+        except BaseException:
+            self._reply(b"")  # interrupted: the child need not wait, and is stopped anyway
+            raise
+        self._reply(b"" if pulled else b"push")
+        return pulled
+
+    def _worker_pid(self) -> int:
+        """The pid, here, of the process that ran the job: the child, or its only child."""
+        if not two_stage(self.spec, pid_namespace_in_kernel(self.spec)):
+            return self.pid
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return -1  # unknown: process_vm_readv fails, and the child pushes instead
 
     def _host_side(self) -> None:
         """The child has made its namespaces and waits: do the parts' kernel-side work."""

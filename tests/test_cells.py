@@ -47,6 +47,16 @@ print('five')""").ok()
     assert cell.stdout.replace("\r\n", "\n").split() == ["one", "two", "three", "four", "five"]
 
 
+def test_kernel_output_around_a_line_magic_keeps_its_place_and_is_not_repeated(kernel):
+    cell = kernel.execute("""import sys
+print('kernel before', end=' ')
+print('kernel err', file=sys.stderr)
+%innamespace -u print('child')
+print('kernel after')""").ok()
+    assert cell.stdout == "kernel before child\nkernel after\n"
+    assert cell.stderr == "kernel err\n"
+
+
 def test_stderr_is_its_own_stream(kernel):
     cell = kernel.execute("%%innamespace -n\nimport sys, os\nprint('to err', file=sys.stderr)\nos.system('echo fd2 >&2')").ok()
     assert cell.stderr.split() == ["to", "err", "fd2"]
@@ -174,6 +184,22 @@ def test_large_buffer_comes_back_intact_and_writable(kernel):
     assert kernel.value("(len(blob), bytes(blob[:3]), blob[-1])") == (256 * 40 * 4096, b"\x00\x01\x02", 255)
     kernel.execute("blob[0] = 7").ok()
     assert kernel.value("blob[0]") == 7
+
+
+MAPPED_MEMFDS = "sum('nsmagic-values' in line for line in open('/proc/self/maps'))"
+
+
+@pytest.mark.parametrize("options", ["-u", "-r -p"])  # the child itself; PID 1 under the child
+def test_large_values_are_copied_out_of_the_child_not_through_a_file(kernel, options):
+    import numpy as np
+
+    kernel.execute("import numpy as np\nbig = text = None").ok()
+    before = kernel.value(MAPPED_MEMFDS)
+    kernel.execute(f"%%innamespace {options} -o big,text\n"
+                   "big = np.arange(3_000_000, dtype=np.int64)\ntext = 'ab' * 100_000").ok()
+    assert kernel.value("(int(big.sum()), bool(big.flags.writeable), text[-3:], len(text))") == (
+        int(np.arange(3_000_000).sum()), True, "bab", 200_000)
+    assert kernel.value(MAPPED_MEMFDS) == before  # read with process_vm_readv, no memfd mapped
 
 
 def test_unpicklable_and_missing_values_are_named_and_others_arrive(kernel):

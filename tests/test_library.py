@@ -2,6 +2,9 @@
 
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -91,3 +94,17 @@ def test_nested_run_inside_a_child():
     inner = run(lambda: run(lambda: (os.getuid(), os.getpid()), namespaces=Namespaces(user=True, pid=True)),
                 namespaces=Namespaces(pid=True))
     assert inner == (65534, 1)
+
+
+def test_output_the_caller_had_not_flushed_is_shown_once_and_first():
+    script = textwrap.dedent("""
+        import io, os, sys
+        sys.stdout = io.TextIOWrapper(open(os.dup(1), "wb"), write_through=False)  # block-buffered
+        print("pending")
+        from nsmagic import run
+        run(lambda: print("child"))
+        sys.stdout.flush()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "pending\nchild\n"

@@ -38,6 +38,26 @@ print(os.getpid(), socket.gethostname(), sorted(int(p) for p in os.listdir('/pro
     assert cell.stdout.split() == ["1", "student-box", "[1]"]
 
 
+MAPPED_MEMFDS = "sum('nsmagic-values' in line for line in open('/proc/self/maps'))"
+
+
+def test_large_values_come_back_read_straight_from_the_child(student):
+    student.execute("%%innamespace -r -p -o blob\nblob = bytes(range(256)) * 4096").ok()
+    assert student.value("(len(blob), blob[:3], blob[-1])") == (256 * 4096, b"\x00\x01\x02", 255)
+    assert student.value(MAPPED_MEMFDS) == 0
+
+
+def test_large_values_of_a_child_the_kernel_may_not_read_come_through_the_memfd(student):
+    # A process that is not dumpable may not be read by an unprivileged one, even its parent.
+    before = student.value(MAPPED_MEMFDS)
+    student.execute("""%%innamespace -r -o blob2
+import ctypes
+assert ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) == 0  # PR_SET_DUMPABLE, 0
+blob2 = bytes(range(256)) * 4096""").ok()
+    assert student.value("(len(blob2), blob2[:3], blob2[-1])") == (256 * 4096, b"\x00\x01\x02", 255)
+    assert student.value(MAPPED_MEMFDS) == before + 1
+
+
 def test_user_namespace_alone_runs_as_overflow_uid(student):
     assert student.value_in("-U", "os.getuid()") == 65534
 

@@ -101,23 +101,59 @@ def test_line_magic_split_keeps_code_verbatim():
     assert magics._split_line("--veth 10.1.1.1/30 f()") == ("--veth 10.1.1.1/30 ", "f()")
 
 
-def test_values_round_trip_through_a_memfd():
+def _pack_all(values):
+    import os
+
+    from nsmagic.values import Packer
+
+    fd = os.memfd_create("test")
+    packer = Packer(fd)
+    return fd, packer, [packer.pack(v) for v in values]
+
+
+def test_values_are_pulled_out_of_the_packing_process():
     import os
 
     import numpy as np
 
-    from nsmagic.values import OUT_OF_BAND, Packer, Unpacker
+    from nsmagic.values import OUT_OF_BAND, Unpacker
 
-    fd = os.memfd_create("test")
+    values = [42, "x" * (2 * OUT_OF_BAND), {"k": [1, 2]}, np.arange(1_000_000)]
+    fd, packer, packed = _pack_all(values)
     try:
-        packer, values = Packer(fd), [42, "x" * (2 * OUT_OF_BAND), {"k": [1, 2]}, np.arange(100_000)]
-        packed = [packer.pack(v) for v in values]
-        assert packed[0].inline is not None and packed[1].inline is None  # big pickles go to the memfd
+        assert packed[0].inline is not None and packed[1].inline is None  # big pickles are parked
         assert packed[3].buffers and packed[3].inline is not None  # the array's data went out of band
-        back = [Unpacker(fd).unpack(p) for p in packed]
+        parked = packer.parked()
+        assert len(parked.pieces) == 2 and parked.size >= 8_000_000 + 2 * OUT_OF_BAND
+        unpacker = Unpacker(fd)
+        assert unpacker.pull(os.getpid(), parked)  # this process stands in for the child
+        assert os.fstat(fd).st_size == 0  # nothing went through the memfd
+        back = [unpacker.unpack(p) for p in packed]
         assert back[:3] == values[:3] and (back[3] == values[3]).all()
-        back[3][0] = -1  # writable: a private copy-on-write mapping
-        assert back[3][0] == -1
+        back[3][0] = -1  # writable, and the kernel's own copy
+        assert back[3][0] == -1 and values[3][0] == 0
+    finally:
+        os.close(fd)
+
+
+def test_values_are_pushed_through_the_memfd_when_they_cannot_be_pulled():
+    import os
+
+    import numpy as np
+
+    from nsmagic.values import Unpacker
+
+    values = [np.arange(100_000), bytes(range(256)) * 1000]
+    fd, packer, packed = _pack_all(values)
+    try:
+        unpacker = Unpacker(fd)
+        assert not unpacker.pull(2 ** 22 + 12345, packer.parked())  # no such process
+        packer.push()
+        assert os.fstat(fd).st_size >= 800_000 + 256_000
+        back = [unpacker.unpack(p) for p in packed]
+        assert (back[0] == values[0]).all() and back[1] == values[1]
+        back[0][0] = -1  # writable: a private copy-on-write mapping
+        assert back[0][0] == -1
     finally:
         os.close(fd)
 
