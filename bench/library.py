@@ -6,11 +6,15 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
-from nsmagic import Namespaces, run
+from nsmagic import CloneFlag, Namespaces, run
+from nsmagic.syscalls import setns, unshare
 
 from .core import Verdict, at_least, at_most, interleave, median, ms, say
 
@@ -67,6 +71,52 @@ def unshare_python(path: str):
     return go
 
 
+def in_child(op) -> float:
+    """Seconds that *op* takes in a freshly forked child."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            t = time.perf_counter()
+            op()
+            os.write(w, struct.pack("d", time.perf_counter() - t))
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = os.read(r, 8)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return struct.unpack("d", data)[0]
+
+
+def spare_net_namespaces(n: int) -> list[int]:
+    """What a pool would hold: network namespaces made ahead by a thread (a network namespace
+    belongs to a thread, so the thread can unshare and end)."""
+    fds: list[int] = []
+
+    def make():
+        for _ in range(n):
+            unshare(CloneFlag.NEWNET)
+            fds.append(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+
+    thread = threading.Thread(target=make)
+    thread.start()
+    thread.join()
+    return fds
+
+
+def net_namespace_costs(n: int) -> dict:
+    """Making a network namespace in the child, against entering one made ahead (the saving a
+    pool of namespaces could offer at most)."""
+    spares = iter(spare_net_namespaces(n + 1))
+    made, entered = interleave(lambda: in_child(lambda: unshare(CloneFlag.NEWNET)),
+                               lambda: in_child(lambda: setns(next(spares), CloneFlag.NEWNET)),
+                               n=n, timer=lambda fn: fn())
+    for fd in spares:
+        os.close(fd)
+    return {"unshare": made, "setns": entered}
+
+
 def sample(n: int) -> dict:
     """Interleaved times of each way that works here; bwrap's absence is recorded, not raised."""
     nsmagic_run()  # warm up
@@ -76,7 +126,7 @@ def sample(n: int) -> dict:
                "unshare": unshare_python(os.path.join(tmp, "value"))}
         fns = {k: f for k, f in fns.items() if f}
         times = dict(zip(fns, interleave(*fns.values(), n=n)))
-    return {"times": times, "bwrap_missing": why}
+    return {"times": times, "bwrap_missing": why, "netns": net_namespace_costs(n)}
 
 
 def library(quick: bool) -> list[Verdict]:
@@ -109,6 +159,11 @@ def library(quick: bool) -> list[Verdict]:
                            ">= 10x faster", None, note="unshare(1) is not installed"))
     out.append(Verdict("floor: os.fork + pipe + small pickle", ms(med["fork"]), ms(ns), ns / med["fork"],
                        "(information)", None, note="ratio = nsmagic / bare fork"))
+    made, entered = median(got["netns"]["unshare"]), median(got["netns"]["setns"])
+    out.append(Verdict("a network namespace: setns into one made ahead vs unshare in the child",
+                       f"{ms(made)} (unshare(CLONE_NEWNET))", ms(entered), entered / made, "(information)",
+                       None, note="the most a pool of spare namespaces could save per -n cell; see the "
+                       "README for why nsmagic keeps none"))
     return out
 
 

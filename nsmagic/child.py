@@ -12,6 +12,7 @@ would make a second, confused kernel, and atexit handlers would delete the real 
 
 from __future__ import annotations
 
+import _signal
 import builtins
 import gc
 import errno as errno_module
@@ -191,8 +192,10 @@ def _rewire(plan: Plan) -> None:
     channel = Channel(plan.control, plan.answers)
     builtins.input = channel.ask
     getpass.getpass = lambda prompt="Password: ", stream=None: channel.ask(prompt, password=True)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    # _signal: the C functions under signal's wrappers, whose enum conversions would write to
+    # (and so copy) dozens of the kernel's pages in every child.
+    _signal.signal(signal.SIGINT, _signal.default_int_handler)
+    _signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if plan.explain:
         steps.log = []
 
@@ -253,7 +256,7 @@ def _work(plan: Plan) -> int:
         })
         protocol.recv_blocking(plan.answers)
     outcome = plan.job(channel)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the cell is over: nothing left to interrupt
+    _signal.signal(signal.SIGINT, _signal.SIG_IGN)  # the cell is over: nothing left to interrupt
     packer = Packer(plan.memfd, plan.namespace)
     report = make_report(outcome, plan.outputs, packer)
     channel.flush()

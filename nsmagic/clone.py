@@ -24,6 +24,7 @@ The result is the process a runtime's clone() would make, minus the hazards.
 
 from __future__ import annotations
 
+import _signal
 import os
 import queue
 import signal
@@ -50,7 +51,7 @@ def spawn(plan: "child_module.Plan", log: list | None = None, started=None) -> i
     are noted there for ``--explain``."""
     note = log.append if log is not None else (lambda entry: None)
     saved = None
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    _signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # (no enum wrapper: see child)
     try:
         if plan.pid_done:
             saved = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -90,7 +91,7 @@ def spawn(plan: "child_module.Plan", log: list | None = None, started=None) -> i
                 setns(saved, CloneFlag.NEWPID)
             finally:
                 os.close(saved)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        _signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 class Reaper:
