@@ -53,7 +53,7 @@ TOUCH = "_ = float(arr[::512].sum())"
 
 
 def array_out(quick: bool) -> list[Verdict]:
-    n = 5 if quick else 11
+    n = 7 if quick else 21
     growth: dict[str, list[int]] = {NSMAGIC: [], BASELINE: []}
     untouched: list[int] = []
 

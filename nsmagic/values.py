@@ -151,6 +151,65 @@ class Packer:
         return Packed(data, None, spans)
 
 
+#: Below this, one thread copies; above, one per CPU (up to 8), each at least this much.
+_PARALLEL = 32 << 20
+
+
+def _copy(pid: int, pieces: list[tuple[int, int, int]], total: int) -> None:
+    """Copy *pieces* out of *pid*, in several threads when they are large: page allocation
+    and copying then run on every CPU (100 MB: 17 ms in one thread, 12 ms in two, here).
+    Returns only once every thread is done, even if interrupted: none may write into the
+    area after its caller has let it go."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except OSError:
+        cpus = 1
+    groups = _split(pieces, min(cpus, 8, max(1, total // _PARALLEL)))
+    errors: list[OSError] = []
+
+    def work(group):
+        try:
+            read_process_memory(pid, group)
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(g,), name="nsmagic-copy") for g in groups[1:]]
+    for thread in threads:
+        thread.start()
+    interrupted = None
+    try:
+        work(groups[0])
+    finally:
+        for thread in threads:
+            while thread.is_alive():
+                try:
+                    thread.join()
+                except KeyboardInterrupt as e:
+                    interrupted = e
+    if interrupted is not None:
+        raise interrupted
+    if errors:
+        raise errors[0]
+
+
+def _split(pieces: list[tuple[int, int, int]], k: int) -> list[list[tuple[int, int, int]]]:
+    """*pieces* cut into *k* groups of about equal bytes, cut at huge-page multiples."""
+    if k <= 1:
+        return [pieces]
+    share = -(-sum(n for _, _, n in pieces) // k // _HUGE_PAGE) * _HUGE_PAGE
+    groups: list[list[tuple[int, int, int]]] = [[]]
+    room = share
+    for here, there, n in pieces:
+        while n:
+            if room == 0:
+                groups.append([])
+                room = share
+            take = min(n, room)
+            groups[-1].append((here, there, take))
+            here, there, n, room = here + take, there + take, n - take, room - take
+    return groups
+
+
 class Unpacker:
     """The kernel's side: fetches the out-of-band area once and rebuilds values on it."""
 
@@ -173,7 +232,7 @@ class Unpacker:
                 pass
         base = buffer_address(area)
         try:
-            read_process_memory(pid, [(base + start, there, n) for start, there, n in parked.pieces])
+            _copy(pid, [(base + start, there, n) for start, there, n in parked.pieces], parked.size)
         except OSError:
             area.close()
             return False

@@ -136,6 +136,39 @@ def test_values_are_pulled_out_of_the_packing_process():
         os.close(fd)
 
 
+def test_large_pulls_are_split_evenly_without_losing_a_byte():
+    from nsmagic.values import _split
+
+    mib = 1 << 20
+    pieces = [(0, 10_000, 100 * mib + 5), (200 * mib, 7, 3 * mib), (300 * mib, 99, 64)]
+    for k in (1, 2, 3, 8):
+        groups = _split(pieces, k)
+        assert len(groups) == k
+        flat = [p for g in groups for p in g]
+        assert sum(n for *_, n in flat) == sum(n for *_, n in pieces)
+        for (h1, t1, n1), (h2, t2, n2) in zip(flat, flat[1:]):  # cuts keep both addresses in step
+            assert (h2 - h1, t2 - t1) == (n1, n1) or (h2, t2) in {(h, t) for h, t, _ in pieces}
+        sizes = [sum(n for *_, n in g) for g in groups]
+        assert max(sizes) <= sum(sizes) / k + 2 * mib  # even, up to a huge page
+
+
+def test_a_big_array_is_pulled_by_several_threads_intact():
+    import os
+
+    import numpy as np
+
+    from nsmagic.values import Unpacker
+
+    big = np.arange(12_000_000, dtype=np.int64)  # 96 MB: one thread per CPU, up to three
+    fd, packer, packed = _pack_all([big])
+    try:
+        unpacker = Unpacker(fd)
+        assert unpacker.pull(os.getpid(), packer.parked())
+        assert (unpacker.unpack(packed[0]) == big).all()
+    finally:
+        os.close(fd)
+
+
 def test_values_are_pushed_through_the_memfd_when_they_cannot_be_pulled():
     import os
 
