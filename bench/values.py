@@ -48,7 +48,8 @@ BASELINE = "arr = _bench_inband()"
 MAKE = "_a = _bench_array(); del _a"  # the array alone, made in the kernel
 PREPARE = "arr = None; gc.collect(); _bench_reset_peak(); _rss0 = _bench_status('VmRSS')"
 GROWTH = {"peak": "_bench_status('VmHWM') - _rss0", "nbytes": "arr.nbytes"}
-# Touch one element per page, so that pages the kernel only mapped (the memfd) count as well.
+# Touch one element per page, so that pages the kernel only mapped (a memfd, if the values came
+# that way) count as well.
 TOUCH = "_ = float(arr[::512].sum())"
 
 
