@@ -141,8 +141,7 @@ def buffer_address(obj) -> int:
 def read_process_memory(pid: int, pieces: list[tuple[int, int, int]]) -> None:
     """Copy ``(local address, remote address, length)`` pieces out of process *pid* with one
     process_vm_readv(2) per 1024 pieces: a single copy, with no file or pipe in between. Needs
-    the right to ptrace *pid* (a child of the same user always qualifies, unless it changed
-    its uid)."""
+    the right to ptrace *pid*: root has it, and so has a user over its own dumpable child."""
     pending = [p for p in pieces if p[2]]
     while pending:
         batch, pending = pending[:_IOV_MAX], pending[_IOV_MAX:]

@@ -8,10 +8,10 @@ straight out of the child's memory with process_vm_readv(2) into one fresh priva
 (with transparent huge pages where Linux offers them), then lets the child exit. That is a
 single copy into memory that is the kernel's own, which is why it is fast: writing the pieces
 into a file first costs a 4 KiB shared-memory page allocation per page, and measured half the
-speed. Where the kernel may not read the child's memory (the cell changed its uid, or a
-security module forbids it), the child writes the pieces into a memfd that the kernel created
-before the fork, and the kernel maps that file copy-on-write instead. Either way the mapping
-lives as long as any value that was built on it.
+speed. Where the kernel may not read the child's memory (an unprivileged kernel and a child
+that made itself undumpable, or a security module that forbids it), the child writes the
+pieces into a memfd that the kernel created before the fork, and the kernel maps that file
+copy-on-write instead. Either way the mapping lives as long as any value built on it does.
 
 Classes and functions that the kernel already had when the child was forked travel by
 reference, not by value: an exception of a class defined in the notebook must come back as an
