@@ -108,3 +108,11 @@ def test_output_the_caller_had_not_flushed_is_shown_once_and_first():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "pending\nchild\n"
+
+
+def test_more_large_buffers_than_one_system_call_can_take_all_arrive():
+    import numpy as np
+
+    arrays = run(lambda: [np.full(8192, float(i)) for i in range(1100)])  # 1100 pieces of 64 KiB
+    assert len(arrays) == 1100
+    assert all(a.shape == (8192,) and (a == i).all() for i, a in enumerate(arrays))
