@@ -23,6 +23,7 @@ _FLAG_OF = {
     "cgroup": CloneFlag.NEWCGROUP,
     "time": CloneFlag.NEWTIME,
 }
+_BIT_OF = {name: int(flag) for name, flag in _FLAG_OF.items()}
 
 
 @dataclass
@@ -118,11 +119,16 @@ class Namespaces:
     @property
     def flags(self) -> CloneFlag:
         """All the ``CLONE_NEW*`` flags this request creates."""
-        out = CloneFlag(0)
-        for name, flag in _FLAG_OF.items():
+        return CloneFlag(self.flag_bits)
+
+    @property
+    def flag_bits(self) -> int:
+        """The same as a plain int, which is what the child works with."""
+        bits = 0
+        for name, bit in _BIT_OF.items():
             if getattr(self, name):
-                out |= flag
-        return out
+                bits |= bit
+        return bits
 
     def describe(self) -> str:
         """A short unshare(1)-style spelling, for messages."""

@@ -46,21 +46,23 @@ class StepFailed(Exception):
         self.step, self.errno, self.message = step, err, message
 
 
+_NEWUSER, _NEWPID = int(CloneFlag.NEWUSER), int(CloneFlag.NEWPID)
+
+
 def enter_namespaces(spec: Namespaces, uid: int, gid: int, *, pid_done: bool) -> None:
     """Steps 1 to 3, in the single-threaded child."""
-    flags = spec.flags
     if spec.user:
-        _unshare(CloneFlag.NEWUSER, in_user_ns=False)
+        _unshare(_NEWUSER, in_user_ns=False)
         if spec.map_root_user:
             _write_id_maps(uid, gid)
-    rest = flags & ~CloneFlag.NEWUSER
+    rest = spec.flag_bits & ~_NEWUSER
     if pid_done:
-        rest &= ~CloneFlag.NEWPID
+        rest &= ~_NEWPID
     if rest:
         _unshare(rest, in_user_ns=spec.user)
     if spec.time:
         _set_clock_offsets(spec.monotonic, spec.boottime)
-        if not (rest & CloneFlag.NEWPID):
+        if not rest & _NEWPID:
             _enter_own_time_namespace()
 
 
@@ -76,13 +78,15 @@ def set_up_inside(spec: Namespaces) -> None:
         _do(f"sethostname({_quote(spec.hostname)})", socket.sethostname, spec.hostname)
 
 
-def _unshare(flags: CloneFlag, *, in_user_ns: bool) -> None:
+def _unshare(flags: int, *, in_user_ns: bool) -> None:
     try:
         syscalls.unshare(flags)
     except OSError as e:
+        flags = CloneFlag(flags)
         advice = syscalls.advice(flags, e.errno, in_user_ns)
         raise StepFailed(f"unshare({flags.spelled()})", e.errno, f"{os.strerror(e.errno)}; {advice}") from None
-    record(f"unshare({flags.spelled()})")
+    if log is not None:
+        record(f"unshare({CloneFlag(flags).spelled()})")
 
 
 def _write_id_maps(uid: int, gid: int) -> None:

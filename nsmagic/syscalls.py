@@ -96,31 +96,40 @@ CAP_SYS_ADMIN = 21
 
 def _check(ret: int, what: str) -> None:
     if ret == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what} failed: {os.strerror(err)}")
+        _fail(what)
 
 
-def unshare(flags: CloneFlag) -> None:
+def _fail(what: str) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, f"{what} failed: {os.strerror(err)}")
+
+
+# The child calls these with plain ints and spells the flags only when a call failed: CloneFlag's
+# arithmetic runs in Python, and in a fresh fork every object it touches costs a page copy.
+
+def unshare(flags: int) -> None:
     if hasattr(os, "unshare"):
         try:
             os.unshare(int(flags))
         except OSError as e:
             raise OSError(e.errno, f"unshare({CloneFlag(flags).spelled()}) failed: {e.strerror}") from None
         return
-    _check(_libc.unshare(int(flags)), f"unshare({CloneFlag(flags).spelled()})")
+    if _libc.unshare(int(flags)) == -1:
+        _fail(f"unshare({CloneFlag(flags).spelled()})")
 
 
-def setns(fd: int, nstype: CloneFlag | int = 0) -> None:
+def setns(fd: int, nstype: int = 0) -> None:
     if hasattr(os, "setns"):
         os.setns(fd, int(nstype))
         return
-    _check(_libc.setns(fd, int(nstype)), f"setns({CloneFlag(nstype).spelled()})")
+    if _libc.setns(fd, int(nstype)) == -1:
+        _fail(f"setns({CloneFlag(nstype).spelled()})")
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
     enc = lambda s: None if s is None else os.fsencode(s)  # noqa: E731
-    ret = _libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data))
-    _check(ret, f"mount({source!r}, {target!r}, {fstype!r})")
+    if _libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) == -1:
+        _fail(f"mount({source!r}, {target!r}, {fstype!r})")
 
 
 def set_parent_death_signal(sig: int) -> None:
