@@ -46,6 +46,15 @@ def make_rootfs(parent: Path) -> Path:
     return root
 
 
+def sections(out: str, *names: str) -> list[str]:
+    """A cell's output cut at its ``-- name`` lines: what came before the first, then each part."""
+    parts = []
+    for name in names:
+        head, out = out.split(f"-- {name}\n")
+        parts.append(head)
+    return parts + [out]
+
+
 def tree(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
@@ -197,10 +206,7 @@ print('-- hostname')
 print('-- dev'); print(sorted(os.listdir('/dev')), len(open('/dev/urandom', 'rb').read(8)))
 open('/dev/null', 'w').write('gone')""").ok()
     out = cell.stdout.replace("\r\n", "\n")
-    python, rest = out.split("-- ls\n")
-    ls, rest = rest.split("-- ps\n")
-    ps, rest = rest.split("-- hostname\n")
-    hostname, dev = rest.split("-- dev\n")
+    python, ls, ps, hostname, dev = sections(out, "ls", "ps", "hostname", "dev")
     entries = sorted(os.listdir(rootfs))
     assert python.strip() == f"{entries} / False"
     assert sorted(ls.split()) == entries
@@ -388,9 +394,7 @@ print('-- ps')
 print('-- hostname')
 !hostname""").ok()
     out = cell.stdout.replace("\r\n", "\n")
-    python, rest = out.split("-- ls\n")
-    ls, rest = rest.split("-- ps\n")
-    ps, hostname = rest.split("-- hostname\n")
+    python, ls, ps, hostname = sections(out, "ls", "ps", "hostname")
     entries = sorted(os.listdir(rootfs))
     assert python.strip() == f"{entries} 0"
     assert sorted(ls.split()) == entries
