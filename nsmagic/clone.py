@@ -28,6 +28,7 @@ import _signal
 import os
 import queue
 import signal
+import sys
 import threading
 import warnings
 
@@ -63,11 +64,7 @@ def spawn(plan: "child_module.Plan", log: list | None = None, started=None) -> i
                 ) from None
             note(("kernel", "unshare(CLONE_NEWPID)",
                   "in the kernel's own thread: only its next child is born in the new PID namespace"))
-        with warnings.catch_warnings():
-            # Python 3.12+ warns about fork() in a multi-threaded process. The child never
-            # returns to the code of the threads it lost; it runs the cell and _exits.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
+        pid = _fork()
         if pid == 0:
             try:
                 child_module.main(plan)
@@ -92,6 +89,18 @@ def spawn(plan: "child_module.Plan", log: list | None = None, started=None) -> i
             finally:
                 os.close(saved)
         _signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _fork() -> int:
+    """``os.fork()``, without Python 3.12's DeprecationWarning about forking a multi-threaded
+    process: the child never returns to the code of the threads it lost; it runs the cell and
+    _exits. Older Pythons do not warn, so the filters are left alone there: right after the
+    fork, each object either process touches costs it a page copy."""
+    if sys.version_info < (3, 12):
+        return os.fork()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
 
 
 class Reaper:

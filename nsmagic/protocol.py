@@ -53,6 +53,11 @@ class Kind(enum.IntEnum):
     ANSWER = 6
 
 
+#: A plain dict lookup, not ``Kind(n)``: enum's call path touches a dozen objects, and every
+#: page touched right after a fork is a page copied.
+_KIND_OF = {int(kind): kind for kind in Kind}
+
+
 def send(fd: int, kind: Kind, payload: bytes = b"") -> None:
     """Write one whole frame to a blocking pipe."""
     view = memoryview(_HEADER.pack(kind, len(payload)) + payload)
@@ -101,10 +106,9 @@ class FrameReader:
             end = _HEADER.size + length
             if len(self._buf) < end:
                 break
-            try:
-                kind = Kind(kind)
-            except ValueError:
-                raise ProtocolError(f"the child sent a frame of unknown kind {kind}") from None
+            if kind not in _KIND_OF:
+                raise ProtocolError(f"the child sent a frame of unknown kind {kind}")
+            kind = _KIND_OF[kind]
             frames.append((kind, bytes(self._buf[_HEADER.size:end])))
             del self._buf[:end]
         return frames
@@ -121,7 +125,7 @@ def recv_blocking(fd: int) -> tuple[Kind, bytes]:
     """Read exactly one frame from a blocking pipe (the child's side of ANSWER)."""
     header = _read_exact(fd, _HEADER.size)
     kind, length = _HEADER.unpack(header)
-    return Kind(kind), _read_exact(fd, length)
+    return _KIND_OF[kind], _read_exact(fd, length)
 
 
 def _read_exact(fd: int, n: int) -> bytes:

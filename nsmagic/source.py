@@ -10,6 +10,7 @@ fork. The child only executes (:func:`run_prepared`). The source is registered i
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import linecache
 import tokenize
@@ -21,7 +22,7 @@ from typing import Callable
 from .outcome import NOTHING, Outcome
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prepared:
     filename: str
     body: CodeType
@@ -39,6 +40,15 @@ def prepare(code: str, *, filename: str = "<nsmagic>", flags: int = 0, shown_sou
     """
     shown = shown_source if shown_source is not None else code
     linecache.cache[filename] = (len(shown), None, shown.splitlines(True), filename)
+    return _compiled(code, filename, flags, line_offset)
+
+
+@functools.lru_cache(maxsize=128)
+def _compiled(code: str, filename: str, flags: int, line_offset: int) -> Prepared:
+    """Compiled once per distinct cell (code objects are immutable, so one can serve every
+    run): notebooks rerun the same cells, and right after the previous cell's fork the
+    compiler's every write costs the kernel a page fault (README, "What a cell costs"). As
+    with an imported module's cached bytecode, a SyntaxWarning shows at the first compile only."""
     # Blank lines in front, rather than moving the AST's line numbers, so that a SyntaxError
     # names the right line too.
     tree = compile("\n" * line_offset + code, filename, "exec", flags | ast.PyCF_ONLY_AST, dont_inherit=True)

@@ -101,6 +101,33 @@ def test_line_magic_split_keeps_code_verbatim():
     assert magics._split_line("--veth 10.1.1.1/30 f()") == ("--veth 10.1.1.1/30 ", "f()")
 
 
+def test_an_option_line_is_parsed_once_and_its_lists_are_never_shared():
+    from IPython.testing.globalipapp import get_ipython
+    from nsmagic.magics import InNamespaceMagics
+
+    magics = InNamespaceMagics(shell=get_ipython())
+    first = magics._parse(" -m --tmpfs /a -o x")
+    assert magics._parse(" -m --tmpfs /a -o x") is first
+    assert magics._parse(" -m --tmpfs /b -o x").tmpfs == ["/b"]
+    assert first.tmpfs == ["/a"] and first.out == [["x"]]
+
+
+def test_a_rerun_cell_is_compiled_once_and_still_quoted_in_tracebacks():
+    import linecache
+
+    from nsmagic.source import prepare, run_prepared
+
+    name = "<nsmagic-test-cache>"
+    first = prepare("x = 1\n1/0", filename=name, shown_source="%%cell\nx = 1\n1/0", line_offset=1)
+    assert prepare("x = 1\n1/0", filename=name, line_offset=0).body is not first.body
+    linecache.cache.pop(name)  # as IPython's own cache clean-up may do between runs
+    again = prepare("x = 1\n1/0", filename=name, shown_source="%%cell\nx = 1\n1/0", line_offset=1)
+    assert again.body is first.body
+    outcome = run_prepared(again, {})
+    assert isinstance(outcome.error, ZeroDivisionError)
+    assert "line 3" in "".join(outcome.traceback) and "1/0" in "".join(outcome.traceback)
+
+
 def _pack_all(values):
     import os
 
