@@ -77,6 +77,14 @@ def at_least(name: str, baseline: str, candidate: str, ratio: float, limit: floa
     return Verdict(name, baseline, candidate, ratio, f">= {limit:g}{what}", ratio >= limit, note)
 
 
+def floor_note(what: str, floor_ratio: float, limit: float) -> str:
+    """A note for a target that the floor measured in the same run already misses: no design
+    built on that floor could meet it on this machine."""
+    if floor_ratio <= limit:
+        return ""
+    return f"{what} alone is {floor_ratio:.2f}x: the target is below the floor on this machine"
+
+
 def ms(seconds: float) -> str:
     v = seconds * 1e3
     return f"{v:.3g} ms" if v < 100 else f"{v:.0f} ms"

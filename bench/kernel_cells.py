@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .core import Verdict, at_most, interleave, median, ms, say
+from .core import floor_note, Verdict, at_most, interleave, median, ms, say
 from .kernel import Kernel
 
 BODY = "x = 1"
@@ -52,11 +52,13 @@ def round_trip(quick: bool) -> list[Verdict]:
     p = median(plain)
     say(f"  cell round trip medians of {n}: plain {ms(p)}, -uipm {ms(median(iso))}, "
         f"-uipmn {ms(median(net))}, bare fork cell {ms(median(floor))}")
+    bare = median(floor) / p
     return [
         at_most("cell round trip `-u -i -p -m`", f"{ms(p)} (plain cell)", ms(median(iso)),
-                median(iso) / p, 2.0, note=f"median of {n} interleaved, body `{BODY}`"),
+                median(iso) / p, 2.0, note="; ".join(filter(None, [
+                    f"median of {n} interleaved, body `{BODY}`", floor_note("the bare fork cell", bare, 2.0)]))),
         at_most("cell round trip `-u -i -p -m -n`", f"{ms(p)} (plain cell)", ms(median(net)),
-                median(net) / p, 2.3),
+                median(net) / p, 2.3, note=floor_note("the bare fork cell", bare, 2.3)),
         Verdict("floor: a cell that forks, pipes a pickle back, reaps in a thread", ms(median(floor)),
                 f"{ms(median(iso))} (`-u -i -p -m`)", median(iso) / median(floor), "(information)", None,
                 note="ratio = nsmagic / floor; the floor has no namespaces and no IPython in the child: "

@@ -278,3 +278,17 @@ def _report_setup_failure(plan: Plan, e: "steps.StepFailed") -> None:
     except OSError as err:
         if err.errno != errno_module.EPIPE:
             raise
+
+
+def _warm_report_path() -> None:
+    """Run here, in the kernel, the pure code with which every child packs its result.
+
+    Python 3.11 rewrites a function's bytecode in place once the function has run a few times
+    (later versions count per instruction). A child runs this code once, so it would do that
+    rewriting itself, and copy each page it writes, in every cell (about 40 us a child here)."""
+    packer = Packer(-1)
+    for _ in range(10):
+        protocol.dumps(make_report(Outcome(value=1), [], packer))
+
+
+_warm_report_path()

@@ -76,8 +76,9 @@ def spawn(plan: "child_module.Plan", log: list | None = None, started=None) -> i
             os.setpgid(pid, pid)  # also done by the child: whichever runs first wins the race
         except OSError:
             pass
-        note(("kernel", f"fork() = {pid}",
-              "glibc's fork is clone(CLONE_CHILD_SETTID|CLONE_CHILD_CLEARTID|SIGCHLD): a copy-on-write copy of the kernel"))
+        if log is not None:
+            note(("kernel", f"fork() = {pid}",
+                  "glibc's fork is clone(CLONE_CHILD_SETTID|CLONE_CHILD_CLEARTID|SIGCHLD): a copy-on-write copy of the kernel"))
         if saved is not None:
             note(("kernel", "setns(<own PID namespace>, CLONE_NEWPID)",
                   "the kernel's thread goes back to making children in its own PID namespace"))

@@ -218,6 +218,16 @@ class _Run:
             opened += [out.read, out.write, err.read, err.write, ctl.read, ctl.write, ans.read, ans.write]
             memfd = os.memfd_create("nsmagic-values", os.MFD_CLOEXEC)
             opened.append(memfd)
+            # What the kernel can set up goes before the fork: after it, each page the kernel
+            # writes is copied first, while the new child may be waiting for the CPU.
+            self.out, self.err, self.ctl, self.ans = out.read, err.read, ctl.read, ans.write
+            for fd in (self.out, self.err, self.ctl):
+                os.set_blocking(fd, False)
+            self.decoders = {
+                out.read: (codecs.getincrementaldecoder("utf-8")("replace"), self.sinks.stdout),
+                err.read: (codecs.getincrementaldecoder("utf-8")("replace"), self.sinks.stderr),
+            }
+            self.unpacker = Unpacker(memfd, self.namespace)
             plan = Plan(
                 spec=self.spec, job=self.job, outputs=self.outputs, kernel_pid=os.getpid(),
                 pid_done=pid_namespace_in_kernel(self.spec), stdout=out.write, stderr=err.write,
@@ -225,19 +235,11 @@ class _Run:
                 namespace=self.namespace, parts=self.parts, explain=self.log is not None,
             )
             spawn(plan, self.log, started=self._started)
+            self.pidfd = os.pidfd_open(self.pid)
+            opened.append(self.pidfd)
             for fd in (out.write, err.write, ctl.write, ans.read):  # the child's ends
                 opened.remove(fd)
                 os.close(fd)
-            self.out, self.err, self.ctl, self.ans = out.read, err.read, ctl.read, ans.write
-            self.decoders = {
-                out.read: (codecs.getincrementaldecoder("utf-8")("replace"), self.sinks.stdout),
-                err.read: (codecs.getincrementaldecoder("utf-8")("replace"), self.sinks.stderr),
-            }
-            self.pidfd = os.pidfd_open(self.pid)
-            opened.append(self.pidfd)
-            for fd in (self.out, self.err, self.ctl):
-                os.set_blocking(fd, False)
-            self.unpacker = Unpacker(memfd, self.namespace)
             report = self._pump()
             result = rebuild(report, self.unpacker, self.pid)
             if result.error is not None:
