@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+
+from . import floor
 from .core import floor_note, Verdict, at_most, interleave, median, ms, say
 from .kernel import Kernel
 
@@ -11,33 +14,10 @@ ISOLATED = f"%%innamespace -u -i -p -m\n{BODY}"
 WITH_NET = f"%%innamespace -u -i -p -m -n\n{BODY}"
 NET_ONLY = f"%%innamespace -n\n{BODY}"
 
-# The least a fork-based cell can cost in this kernel: fork, the child runs the body and pickles
-# a value into a pipe, the parent reads it; the child is reaped by a thread, as nsmagic does.
-FLOOR_SETUP = """\
-import pickle, queue, threading
-_bench_dead = queue.SimpleQueue()
-
-def _bench_reaper():
-    while True:
-        os.waitpid(_bench_dead.get(), 0)
-
-threading.Thread(target=_bench_reaper, daemon=True).start()
-
-def _bench_fork_cell(body):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            exec(body, {})
-            os.write(w, pickle.dumps(1))
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = os.read(r, 65536)
-    os.close(r)
-    _bench_dead.put(pid)
-    return pickle.loads(data)
-"""
+# The least a fork-based cell can cost in this kernel: bench.floor's fork_pipe, run in the kernel
+# (which cannot import bench) from its own source.
+FLOOR_SETUP = (f"_bench_floor = {{}}\nexec({inspect.getsource(floor)!r}, _bench_floor)\n"
+               "_bench_fork_cell = _bench_floor['fork_pipe']")
 FLOOR = f"_bench_fork_cell({BODY!r})"
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import queue
 import shutil
 import struct
 import subprocess
@@ -17,6 +15,7 @@ import time
 from nsmagic import CloneFlag, Namespaces, run
 from nsmagic.syscalls import setns, unshare
 
+from . import floor
 from .core import floor_note, Verdict, at_least, at_most, interleave, median, ms, say
 
 SPEC = Namespaces(uts=True, ipc=True, pid=True, mount=True, net=True)
@@ -26,30 +25,8 @@ def nsmagic_run():
     assert run(lambda: 1, namespaces=SPEC) == 1
 
 
-_dead: queue.SimpleQueue = queue.SimpleQueue()
-
-
-def _reap_forever():
-    while True:
-        os.waitpid(_dead.get(), 0)
-
-
 def fork_pipe():
-    """The floor: fork, the child pickles a small value into a pipe, the parent reads it (one
-    read: a write of under PIPE_BUF bytes arrives whole) and leaves the child to a reaper thread,
-    as nsmagic does; waiting for the child's exit would add its teardown."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.write(w, pickle.dumps(1))
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = os.read(r, 65536)
-    os.close(r)
-    _dead.put(pid)
-    assert pickle.loads(data) == 1
+    assert floor.fork_pipe() == 1
 
 
 def bwrap_cmd():
@@ -127,7 +104,6 @@ def net_namespace_costs(n: int) -> dict:
 
 def sample(n: int) -> dict:
     """Interleaved times of each way that works here; bwrap's absence is recorded, not raised."""
-    threading.Thread(target=_reap_forever, daemon=True).start()
     nsmagic_run()  # warm up
     bwrap, why = bwrap_cmd()
     with tempfile.TemporaryDirectory() as tmp:
