@@ -301,7 +301,9 @@ def test_many_veth_cells_leak_no_fds_or_threads(kernel, no_leak):
         kernel.value_in("--veth --lo", "1")
     assert wait_until(lambda: not links(kernel.pid))
     assert wait_until(lambda: proc.num_fds() <= fds, 5), (proc.num_fds(), fds)
-    assert proc.num_threads() == threads
+    # the reaper's clean-up of a pair runs its netlink exchange in a short-lived thread, which
+    # may still be finishing when a count is taken: a leak shows as growth that stays
+    assert wait_until(lambda: proc.num_threads() <= threads, 5), (proc.num_threads(), threads)
 
 
 def test_library_veth_from_a_plain_python_process():
