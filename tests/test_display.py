@@ -38,6 +38,16 @@ def test_rich_display_is_the_same_as_a_plain_cells(kernel):
     assert [kind for kind, *_ in inside] == ["stream", "display_data", "display_data", "display_data", "stream"]
 
 
+def test_every_cell_displays_through_one_publisher_that_the_kernel_never_wires(kernel):
+    for i in range(3):
+        cell = kernel.execute(f"%%innamespace -u\nfrom IPython.display import HTML, display\n"
+                              f"display(HTML('<i>{i}</i>'))").ok()
+        assert [(k, d["text/html"]) for k, d, *_ in shown(cell)] == [("display_data", f"<i>{i}</i>")]
+    # built once, in the kernel; only the children plug their channel into it
+    assert kernel.value("[p.channel for p in __import__('nsmagic.cell').cell._publishers.values()]") == [None]
+    assert kernel.value("type(get_ipython().display_pub).__name__") != "ChildDisplayPublisher"
+
+
 def test_dataframes_look_the_same_as_in_a_plain_cell(kernel):
     code = "import pandas as pd\ndf = pd.DataFrame({'ns': ['net', 'pid'], 'new': [True, False]})\ndisplay(df)\ndf"
     plain = kernel.execute(code).ok()
