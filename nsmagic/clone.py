@@ -34,6 +34,7 @@ import warnings
 
 from . import child as child_module
 from .errors import PrivilegeError
+from .history import stop_saving_threads
 from .syscalls import CloneFlag, advice, setns, unshare
 
 
@@ -51,9 +52,10 @@ def spawn(plan: "child_module.Plan", log: list | None = None, started=None) -> i
     wrong, so that the caller can always stop it. With a *log*, the kernel's own system calls
     are noted there for ``--explain``."""
     note = log.append if log is not None else (lambda entry: None)
+    stop_saving_threads()  # while an interrupt can still stop the wait (see nsmagic.history)
     saved = None
-    _signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # (no enum wrapper: see child)
     try:
+        _signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # (no enum wrapper: see child)
         if plan.pid_done:
             saved = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -84,12 +86,14 @@ def spawn(plan: "child_module.Plan", log: list | None = None, started=None) -> i
                   "the kernel's thread goes back to making children in its own PID namespace"))
         return pid
     finally:
-        if saved is not None:
-            try:
-                setns(saved, CloneFlag.NEWPID)
-            finally:
-                os.close(saved)
-        _signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        try:
+            if saved is not None:
+                try:
+                    setns(saved, CloneFlag.NEWPID)
+                finally:
+                    os.close(saved)
+        finally:  # whatever failed: a kernel thread that holds off SIGINT can never be interrupted
+            _signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _fork() -> int:

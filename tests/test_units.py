@@ -231,3 +231,43 @@ def test_unload_and_reload_the_extension():
     ip.run_line_magic("load_ext", "nsmagic")
     assert sum(isinstance(c, InNamespaceMagics) for c in ip.configurables) == 1
     assert ip.run_line_magic("innamespace", "-p __import__('os').getpid()") == 1
+
+
+def test_a_history_thread_that_misses_its_stop_is_still_stopped_before_a_fork(tmp_path):
+    import threading
+    import time
+
+    from IPython.core.history import HistoryManager
+    from IPython.testing.globalipapp import get_ipython
+
+    from nsmagic.history import stop_saving_threads
+
+    manager = HistoryManager(shell=get_ipython(), hist_file=tmp_path / "history.sqlite")
+    thread = manager.save_thread
+    assert thread is not None and thread.is_alive()
+
+    clearing = threading.Event()
+
+    class LateClear(threading.Event):
+        """IPython's lost wake-up, every time: the thread clears its event only after a stop
+        has set it (it had checked for a stop just before)."""
+
+        def clear(self):
+            clearing.set()
+            while not thread._stop_now:
+                time.sleep(0.001)
+            time.sleep(0.05)
+            super().clear()
+
+    woken, thread.save_flag = thread.save_flag, LateClear()
+    woken.set()  # a cell was stored: the thread wakes, finds no stop, and goes to clear
+    thread.save_flag.set()  # (or it was still starting, and now waits on the new event)
+    assert clearing.wait(5)
+    start = time.monotonic()
+    stop_saving_threads()  # IPython's own stop() would now wait forever in join()
+    assert not thread.is_alive()
+    assert manager.save_thread is None
+    assert time.monotonic() - start < 5
+    manager._restart_thread_if_stopped()  # as IPython does at the next stored cell
+    assert manager.save_thread is not None and manager.save_thread.is_alive()
+    manager.close()
