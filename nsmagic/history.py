@@ -12,8 +12,8 @@ threads kept the GIL busy.
 So nsmagic stops the thread itself just before forking, in the same way, except that it keeps
 waking the thread until it has gone, and it waits in short slices that an interrupt can break.
 IPython's own hook then finds nothing to stop, and IPython starts a new thread at the next cell,
-as it would have anyway. Nothing is done unless IPython is already imported, or for a version
-of IPython that does not restart the thread after a fork (it would not stop it either).
+as it would have anyway. Nothing is done unless IPython is already imported and is a version
+that restarts the thread after a fork (with any other, the thread is left to IPython).
 """
 
 from __future__ import annotations
