@@ -53,6 +53,11 @@ def spawn(plan: "child_module.Plan", log: list | None = None, started=None) -> i
     are noted there for ``--explain``."""
     note = log.append if log is not None else (lambda entry: None)
     stop_saving_threads()  # while an interrupt can still stop the wait (see nsmagic.history)
+    with _interrupt_deferred():
+        return _spawn(plan, note, log, started)
+
+
+def _spawn(plan, note, log, started) -> int:
     saved = None
     try:
         _signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # (no enum wrapper: see child)
@@ -94,6 +99,35 @@ def spawn(plan: "child_module.Plan", log: list | None = None, started=None) -> i
                     os.close(saved)
         finally:  # whatever failed: a kernel thread that holds off SIGINT can never be interrupted
             _signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+class _interrupt_deferred:
+    """Hold an interrupt of the main thread back until the child's pid has been handed over.
+
+    Blocking SIGINT in the forking thread is not enough in a multi-threaded kernel: another
+    thread then receives the signal, and Python raises KeyboardInterrupt in the main thread at
+    its next bytecode, which can be the one right after ``fork()`` returns, before anyone has
+    kept the pid: the child would run on unseen and stay a zombie. So for these few lines the
+    main thread's SIGINT handler only takes note, and the real one runs once the pid is known.
+    (Other threads never receive KeyboardInterrupt, so there is nothing to hold back there.)
+    """
+
+    def __enter__(self):
+        self.handler = None
+        self.frames: list = []
+        if threading.current_thread() is threading.main_thread():
+            handler = _signal.getsignal(signal.SIGINT)
+            if callable(handler):
+                _signal.signal(signal.SIGINT, lambda signum, frame: self.frames.append(frame))
+                self.handler = handler
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if self.handler is not None:
+            _signal.signal(signal.SIGINT, self.handler)
+            if self.frames and kind is None:
+                self.handler(signal.SIGINT, self.frames[0])  # default_int_handler raises
+        return False
 
 
 def _fork() -> int:

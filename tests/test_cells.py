@@ -291,6 +291,30 @@ def test_interrupt_kills_a_cell_that_ignores_sigint(fresh_kernel):
     assert wait_gone(victims) == []
 
 
+def test_an_interrupt_the_instant_fork_returns_still_stops_and_reaps_the_child(fresh_kernel):
+    k = fresh_kernel
+    # The interrupt is raised as the kernel's fork returns, before the pid could be kept: the
+    # kernel's thread holds SIGINT off, so another thread takes the signal and Python raises it
+    # at the next bytecode. Only the kernel's side is patched; the child runs as usual.
+    k.execute("""import os, signal, time, nsmagic.clone as _clone
+_plain_fork = _clone._fork
+def _fork_then_interrupt():
+    pid = _plain_fork()
+    if pid:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # Python runs the handler when this returns
+    return pid
+_clone._fork = _fork_then_interrupt""").ok()
+    try:
+        cell = k.execute("%%innamespace -p\nimport time\ntime.sleep(30)", timeout=30)
+    finally:
+        k.execute("_clone._fork = _plain_fork").ok()
+    assert cell.ename == "KeyboardInterrupt"
+    assert wait_gone([p.pid for p in descendants(k.pid)]) == []
+    assert descendants(k.pid) == []  # not even a zombie
+    assert k.value_in("-p", "__import__('os').getpid()") == 1
+
+
 def test_timeout_kills_child_and_says_so(kernel):
     t0 = time.monotonic()
     cell = kernel.execute("%%innamespace -p --timeout 1\nimport subprocess, time\n"
