@@ -35,7 +35,7 @@ import warnings
 from . import child as child_module
 from .errors import PrivilegeError
 from .history import stop_saving_threads
-from .syscalls import CloneFlag, advice, setns, unshare
+from .syscalls import CloneFlag, advice, open_readonly, setns, unshare
 
 
 def pid_namespace_in_kernel(spec) -> bool:
@@ -62,7 +62,7 @@ def _spawn(plan, note, log, started) -> int:
     try:
         _signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # (no enum wrapper: see child)
         if plan.pid_done:
-            saved = os.open("/proc/thread-self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            saved = open_readonly("/proc/thread-self/ns/pid")
             try:
                 unshare(CloneFlag.NEWPID)
             except OSError as e:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import explain, protocol, source
+from . import explain, protocol, source, syscalls
 from .child import Channel, Plan, two_stage
 from .clone import pid_namespace_in_kernel, reaper, spawn
 from .errors import CellTimeout, ChildDied, OptionError, PrivilegeError, SetupError
@@ -186,8 +186,7 @@ class _Pipe:
 
 
 def _pipe() -> _Pipe:
-    r, w = os.pipe2(os.O_CLOEXEC)
-    return _Pipe(r, w)
+    return _Pipe(*syscalls.pipe())
 
 
 class _Run:
@@ -216,13 +215,14 @@ class _Run:
         try:
             out, err, ctl, ans = _pipe(), _pipe(), _pipe(), _pipe()
             opened += [out.read, out.write, err.read, err.write, ctl.read, ctl.write, ans.read, ans.write]
-            memfd = os.memfd_create("nsmagic-values", os.MFD_CLOEXEC)
+            memfd = syscalls.memfd("nsmagic-values")
             opened.append(memfd)
             # What the kernel can set up goes before the fork: after it, each page the kernel
-            # writes is copied first, while the new child may be waiting for the CPU.
+            # writes is copied first, while the new child may be waiting for the CPU. The
+            # system calls keep the GIL (see nsmagic.syscalls).
             self.out, self.err, self.ctl, self.ans = out.read, err.read, ctl.read, ans.write
             for fd in (self.out, self.err, self.ctl):
-                os.set_blocking(fd, False)
+                syscalls.set_nonblocking(fd)
             self.decoders = {
                 out.read: (codecs.getincrementaldecoder("utf-8")("replace"), self.sinks.stdout),
                 err.read: (codecs.getincrementaldecoder("utf-8")("replace"), self.sinks.stderr),

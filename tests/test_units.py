@@ -274,3 +274,28 @@ def test_a_history_thread_that_misses_its_stop_is_still_stopped_before_a_fork(tm
     manager._restart_thread_if_stopped()  # as IPython does at the next stored cell
     assert manager.save_thread is not None and manager.save_thread.is_alive()
     manager.close()
+
+
+def test_the_gil_keeping_system_calls_do_what_their_os_counterparts_do():
+    import os
+
+    from nsmagic import syscalls
+
+    r, w = syscalls.pipe()
+    syscalls.set_nonblocking(r)
+    memfd = syscalls.memfd("nsmagic-test")
+    ns = syscalls.open_readonly("/proc/thread-self/ns/pid")
+    try:
+        assert not os.get_blocking(r) and os.get_blocking(w)
+        assert not any(os.get_inheritable(fd) for fd in (r, w, memfd, ns))  # all close on exec
+        os.write(w, b"x")
+        assert os.read(r, 1) == b"x"
+        with pytest.raises(BlockingIOError):
+            os.read(r, 1)
+        assert os.readlink(f"/proc/self/fd/{memfd}") == "/memfd:nsmagic-test (deleted)"
+        assert os.readlink(f"/proc/self/fd/{ns}") == os.readlink("/proc/self/ns/pid")
+        with pytest.raises(FileNotFoundError, match="/nonexistent"):
+            syscalls.open_readonly("/nonexistent")
+    finally:
+        for fd in (r, w, memfd, ns):
+            os.close(fd)
