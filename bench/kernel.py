@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +37,12 @@ class CellFailed(RuntimeError):
 
 
 class Kernel:
-    """``with Kernel() as k:`` starts a python3 kernel with nsmagic loaded, and always stops it."""
+    """``with Kernel() as k:`` starts a python3 kernel with nsmagic loaded, and always stops it.
+
+    Cells are sent as a notebook sends them, stored in the history (``store_history``): IPython
+    then writes each one from a thread of its own, which nsmagic stops before each fork. The
+    history goes to a file of the run's own, so the bench leaves the user's history alone.
+    """
 
     def __init__(self, timeout: float = 60):
         self.timeout = timeout
@@ -43,8 +50,11 @@ class Kernel:
     def __enter__(self) -> "Kernel":
         self.km = KernelManager(kernel_name="python3")
         LOG.parent.mkdir(exist_ok=True)
+        self.history = tempfile.TemporaryDirectory(prefix="nsmagic-bench-")
+        hist_file = os.path.join(self.history.name, "history.sqlite")
         with open(LOG, "a") as log:  # the kernel keeps its own copy of the descriptor
-            self.km.start_kernel(stdout=log, stderr=log)
+            self.km.start_kernel(stdout=log, stderr=log,
+                                 extra_arguments=[f"--HistoryManager.hist_file={hist_file}"])
         try:
             self.kc = self.km.client()
             self.kc.start_channels()
@@ -59,7 +69,10 @@ class Kernel:
         try:
             self.kc.stop_channels()
         finally:
-            self.km.shutdown_kernel(now=True)
+            try:
+                self.km.shutdown_kernel(now=True)
+            finally:
+                self.history.cleanup()
 
     def run(self, code: str, expressions: dict[str, str] | None = None) -> tuple[float, dict]:
         """Execute *code*; return the round trip in seconds and the *expressions*' values.
@@ -70,7 +83,7 @@ class Kernel:
         """
         kc = self.kc
         t0 = time.perf_counter()
-        msg_id = kc.execute(code, store_history=False, user_expressions=expressions or {})
+        msg_id = kc.execute(code, store_history=True, user_expressions=expressions or {})
         deadline = time.monotonic() + self.timeout
         errors = []
         while True:
