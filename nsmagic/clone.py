@@ -130,6 +130,13 @@ class _interrupt_deferred:
         return False
 
 
+def fork() -> int:
+    """``os.fork()`` for the kernel's own short-lived probes (``%nsinfo``), with IPython's
+    history thread first stopped safely (see nsmagic.history) and without 3.12's warning."""
+    stop_saving_threads()
+    return _fork()
+
+
 def _fork() -> int:
     """``os.fork()``, without Python 3.12's DeprecationWarning about forking a multi-threaded
     process: the child never returns to the code of the threads it lost; it runs the cell and

@@ -12,6 +12,7 @@ import html
 import os
 from dataclasses import dataclass, field
 
+from .clone import fork
 from .syscalls import NS_FILE, NS_WORDS, CloneFlag, unshare
 
 _LETTER = {
@@ -117,7 +118,7 @@ def _inode(flag: CloneFlag) -> str:
 def _can_unshare(flag: CloneFlag, in_user: bool = False) -> bool:
     """Try it in a forked child: the kernel is multi-threaded, and user and time namespaces
     are refused to a multi-threaded process."""
-    pid = os.fork()
+    pid = fork()
     if pid == 0:
         ok = 1
         try:
