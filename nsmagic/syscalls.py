@@ -24,8 +24,6 @@ import os
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 _held = ctypes.PyDLL(None, use_errno=True)  # calls keep the GIL: only for short, non-blocking ones
@@ -162,7 +160,6 @@ def open_readonly(path: str) -> int:
     fd = _held.open(os.fsencode(path), os.O_RDONLY | os.O_CLOEXEC)
     _check(fd, f"open({path!r})")
     return fd
-
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
