@@ -28,7 +28,7 @@ from .explain import inodes
 from .outcome import Outcome, make_report
 from .protocol import Kind
 from .spec import Namespaces
-from .syscalls import set_parent_death_signal
+from .syscalls import set_child_subreaper, set_parent_death_signal
 from .values import Packer
 
 #: Exit statuses of a child that could not even report (seen only if reporting itself failed).
@@ -142,6 +142,8 @@ def main(plan: Plan) -> None:
         except BaseException:
             pass
     finally:
+        if _adopting:
+            _end_leftovers()
         os._exit(status)
 
 
@@ -243,9 +245,68 @@ def _wait_for_kernel(plan: Plan) -> None:
 
 
 def _set_up_inside(plan: Plan) -> None:
+    _adopt_orphans()
     steps.set_up_inside(plan.spec)
     for part in plan.parts:
         part.inside()
+
+
+#: Whether this process is the subreaper of what the cell starts (see _adopt_orphans).
+_adopting = False
+
+
+def _adopt_orphans() -> None:
+    """Make this process the reaper of every process the cell starts, however it detaches.
+
+    A cell's processes end with it, as a container's end with its first process: otherwise a
+    ``subprocess.Popen`` the cell never waited for would run on, orphaned and out of the
+    notebook's reach, holding the cell's namespaces alive. PID 1 of a new PID namespace gets
+    this from Linux (its exit kills the namespace); any other child asks for it here, as
+    ``docker run --init`` does, and :func:`_end_leftovers` ends them."""
+    global _adopting
+    if os.getpid() != 1:
+        set_child_subreaper()
+        _adopting = True
+        steps.record("prctl(PR_SET_CHILD_SUBREAPER, 1)")
+
+
+def _end_leftovers() -> None:
+    """Kill and reap whatever the cell left running, down to the last descendant (orphans come
+    to us as their parents die). Never waits on what it cannot see: without a readable
+    /proc it leaves the rest to init rather than risk hanging the kernel's reaper."""
+    for _ in range(1000):
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0]:
+                continue  # reaped one that had already ended
+        except ChildProcessError:
+            return  # no children left
+        except InterruptedError:
+            continue
+        alive = _children()
+        if not alive:
+            return
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(-1, 0)
+        except (ChildProcessError, InterruptedError):
+            pass
+
+
+def _children() -> list[int]:
+    """This process's children, from every thread's list (a thread's children, and orphans
+    handed to this subreaper, are listed under the thread they belong to)."""
+    pids: list[int] = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids += map(int, f.read().split())
+    except (OSError, ValueError):
+        pass
+    return pids
 
 
 def _work(plan: Plan) -> int:

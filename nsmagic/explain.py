@@ -90,6 +90,7 @@ WHY = {
     "fork()": "a new PID namespace holds only the children made after it: this fork makes its PID 1",
     "SIOCSIFFLAGS": "bring lo up (ip link set lo up): a new network namespace starts with it down",
     "setns(": "enter an existing namespace, as nsenter(1) does",
+    "PR_SET_CHILD_SUBREAPER": "no new PID 1 will end what the cell leaves running, so this process does: orphans come back to it",
 }
 
 

@@ -440,6 +440,7 @@ class _Run:
                 return report
         self._drain_streams()
         self.settled = True
+        self._signal(signal.SIGKILL)  # what it started ends with it (the zombie holds the group's id)
         status = self._reap()
         reasons = [r for r in (p.exit_reason(status) for p in self.parts) if r]
         raise ChildDied(self.pid, status, reasons[0] if reasons else None)

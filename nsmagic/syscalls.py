@@ -12,7 +12,8 @@ storing its input), and that work then delays the fork; held, it waits until the
 for its child, and is done while the child runs. Measured with alternating A/B in one kernel:
 0.2 to 0.45 ms less per cell when the cells are stored in the history, as a notebook's are,
 and no difference when they are not. ``os.unshare`` and ``os.setns`` give up the GIL too, so
-this handle serves every Python version.
+this handle serves every Python version. The child's ``prctl`` calls use it as well: the child
+has one thread, and giving up the GIL there only writes to (and so copies) pages of the kernel.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import os
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 _held = ctypes.PyDLL(None, use_errno=True)  # calls keep the GIL: only for short, non-blocking ones
 _held.unshare.argtypes = [ctypes.c_int]
@@ -33,6 +33,7 @@ _held.pipe2.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
 _held.memfd_create.argtypes = [ctypes.c_char_p, ctypes.c_uint]
 _held.fcntl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
 _held.open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_held.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _F_GETFL, _F_SETFL = 3, 4  # the same on every Linux architecture
 
 
@@ -108,6 +109,8 @@ MS_NOEXEC = 0x8
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
+PR_GET_DUMPABLE = 3
+PR_SET_CHILD_SUBREAPER = 36
 CAP_SYS_ADMIN = 21
 
 
@@ -169,7 +172,17 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, d
 
 
 def set_parent_death_signal(sig: int) -> None:
-    _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    _check(_held.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def set_child_subreaper() -> None:
+    _check(_held.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+# Only children call the two above, each as the first call of a fresh fork. A harmless read
+# here makes ctypes do its one-time set-up of prctl in this process, not in every child
+# (measured: 10 fewer page copies, and with the GIL kept, 30 us less per child).
+_held.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
 
 
 def buffer_address(obj) -> int:

@@ -1,6 +1,7 @@
 """What a namespaced cell looks like in a notebook: streams, results, errors, crashes, values,
 options, interrupts and timeouts, all through a real kernel's messages."""
 
+import ast
 import os
 import signal
 import time
@@ -253,6 +254,7 @@ def test_configurable_default_options(kernel):
 def _start_sleeper(k, options: str, body: str = "time.sleep(60)") -> str:
     msg_id = k.kc.execute(f"%%innamespace {options}\nimport os, subprocess, time\n"
                           "helper = subprocess.Popen(['sleep', '600'])\n"
+                          "detached = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
                           f"print('started', flush=True)\n{body}")
     end = time.monotonic() + 20
     while time.monotonic() < end:
@@ -273,13 +275,16 @@ def _finish(k, msg_id):
 def test_interrupt_kills_child_and_everything_in_its_namespace(fresh_kernel, options):
     msg_id = _start_sleeper(fresh_kernel, options)
     victims = [p.pid for p in descendants(fresh_kernel.pid)]
-    assert len(victims) >= 2, "the child and its sleep"
+    assert len(victims) >= 3, "the child and its two sleeps"
     t0 = time.monotonic()
     fresh_kernel.km.interrupt_kernel()
     reply = _finish(fresh_kernel, msg_id)
-    assert reply["ename"] == "KeyboardInterrupt"
-    assert time.monotonic() - t0 < 10
-    assert wait_gone(victims) == []
+    try:
+        assert reply["ename"] == "KeyboardInterrupt"
+        assert time.monotonic() - t0 < 10
+        assert wait_gone(victims) == []
+    finally:
+        _kill_sleepers(victims)
     assert fresh_kernel.value("1 + 1") == 2
 
 
@@ -367,6 +372,58 @@ def test_no_zombie_after_cells(kernel):
     time.sleep(0.5)
     zombies = [p for p in descendants(kernel.pid) if p.status() == psutil.STATUS_ZOMBIE]
     assert zombies == []
+
+
+_LEAVE_RUNNING = """\
+import os, subprocess
+in_group = subprocess.Popen(['sleep', '600']).pid
+own_session = subprocess.Popen(['sleep', '600'], start_new_session=True).pid
+orphan = int(subprocess.run(['sh', '-c', 'setsid sleep 600 >/dev/null 2>&1 & echo $!'],
+                            capture_output=True, text=True).stdout)
+print(repr((os.getpid(), in_group, own_session, orphan)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("options", ["", "-n", "-U", "-u -i -m"])
+def test_processes_a_cell_leaves_running_end_with_it(kernel, options):
+    cell = kernel.execute(f"%%innamespace {options}\n{_LEAVE_RUNNING}").ok()
+    child, *left = ast.literal_eval(cell.stdout.strip())
+    try:
+        assert child != kernel.pid and len(set(left)) == 3
+        assert wait_gone(left) == [], "a process the cell started outlived it"
+        assert [p for p in descendants(kernel.pid) if p.status() == psutil.STATUS_ZOMBIE] == []
+    finally:
+        _kill_sleepers(left)
+
+
+def _kill_sleepers(pids) -> None:
+    """Whatever a failed test left of the cell's ``sleep 600``s, by pid."""
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.cmdline() == ["sleep", "600"]:
+                proc.kill()
+        except psutil.Error:
+            pass
+
+
+def test_processes_of_a_cell_that_crashed_end_with_it(kernel):
+    cell = kernel.execute(f"%%innamespace -n\n{_LEAVE_RUNNING}os._exit(3)")
+    assert cell.ename == "ChildDied"
+    child, in_group, *detached = ast.literal_eval(cell.stdout.strip())
+    try:
+        assert child != kernel.pid
+        assert wait_gone([in_group]) == [], "the crashed cell's process group outlived it"
+    finally:  # what left the group went to init with the child's death (use -p for those)
+        _kill_sleepers([in_group, *detached])
+
+
+def test_a_cell_still_waits_for_its_own_children(kernel):
+    cell = kernel.execute("%%innamespace -n\nimport os, subprocess\npid = os.fork()\n"
+                          "if pid == 0:\n    os._exit(5)\n"
+                          "print(subprocess.run(['sh', '-c', 'exit 7']).returncode, "
+                          "os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))").ok()
+    assert cell.stdout.split() == ["7", "5"]
 
 
 def test_signal_names_are_in_our_words():

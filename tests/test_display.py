@@ -153,6 +153,14 @@ def test_nsinfo_reports_this_machine(kernel):
     assert open("/proc/sys/user/max_user_namespaces").read().strip() in text
 
 
+def test_explain_says_who_ends_the_cells_processes(kernel):
+    def calls(options):
+        cell = kernel.execute(f"%%innamespace --explain {options}\npass").ok()
+        return cell.of_type("display_data")[0]["content"]["data"]["text/plain"]
+    assert "prctl(PR_SET_CHILD_SUBREAPER, 1)" in calls("-n")
+    assert "PR_SET_CHILD_SUBREAPER" not in calls("-n -p")  # PID 1's exit ends them
+
+
 def test_explain_comes_first_and_is_exact(kernel):
     cell = kernel.execute("%%innamespace --explain -n -p --hostname ex\nprint('cell output')").ok()
     kinds = [m["msg_type"] for m in cell.messages if m["msg_type"] in ("stream", "display_data")]

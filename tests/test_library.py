@@ -61,6 +61,27 @@ def test_child_death_is_reported_with_its_status():
         run(os._exit, 7)
 
 
+def _start_detached_sleeper() -> tuple[int, int]:
+    return os.getpid(), subprocess.Popen(["sleep", "600"], start_new_session=True).pid
+
+
+def test_what_the_function_left_running_ends_with_it():
+    child, sleeper = run(_start_detached_sleeper, namespaces=Namespaces(net=True))
+    try:
+        assert child != os.getpid()
+        end = time.monotonic() + 5
+        while os.path.exists(f"/proc/{sleeper}") and time.monotonic() < end:
+            time.sleep(0.02)
+        assert not os.path.exists(f"/proc/{sleeper}"), "the child's detached process outlived it"
+    finally:
+        try:
+            with open(f"/proc/{sleeper}/cmdline") as f:
+                if f.read() == "sleep\x00600\x00":
+                    os.kill(sleeper, 9)
+        except OSError:
+            pass
+
+
 def test_timeout_kills_the_whole_pid_namespace():
     t0 = time.monotonic()
     with pytest.raises(CellTimeout, match="timeout of 0.5s"):
