@@ -1,5 +1,8 @@
 """nsmagic in a kernel run by an unprivileged user, as students often run JupyterLab."""
 
+import time
+
+import psutil
 import pytest
 
 pytestmark = pytest.mark.rootless
@@ -92,3 +95,22 @@ def test_explain_rootless_shows_the_maps(student):
     assert f'write("/proc/self/gid_map", "0 {gid} 1")' in text
     assert 'write("/proc/self/setgroups", "deny")' in text
     assert text.index("setgroups") < text.index("gid_map")
+
+
+def test_a_students_cell_leaves_nothing_running(student):
+    cell = student.execute("%%innamespace -r -n\nimport os, subprocess\n"
+                           "print(os.getpid(), subprocess.Popen(['sleep', '600'], start_new_session=True).pid)").ok()
+    child, sleeper = map(int, cell.stdout.split())
+    try:
+        assert child != student.pid
+        end = time.monotonic() + 5
+        while psutil.pid_exists(sleeper) and time.monotonic() < end:
+            time.sleep(0.02)
+        assert not psutil.pid_exists(sleeper), "the student's cell left its sleep running"
+    finally:
+        try:
+            proc = psutil.Process(sleeper)
+            if proc.cmdline() == ["sleep", "600"]:
+                proc.kill()
+        except psutil.Error:
+            pass
