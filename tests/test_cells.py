@@ -9,22 +9,7 @@ import time
 import psutil
 import pytest
 
-
-def descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def wait_gone(pids, seconds=5.0) -> list[int]:
-    """The pids of *pids* still present (not even as zombies) after *seconds*."""
-    end = time.monotonic() + seconds
-    alive = list(pids)
-    while alive and time.monotonic() < end:
-        alive = [p for p in alive if psutil.pid_exists(p)]
-        time.sleep(0.05)
-    return alive
+from processes import descendants, kill_sleepers, wait_gone
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -284,7 +269,7 @@ def test_interrupt_kills_child_and_everything_in_its_namespace(fresh_kernel, opt
         assert time.monotonic() - t0 < 10
         assert wait_gone(victims) == []
     finally:
-        _kill_sleepers(victims)
+        kill_sleepers(victims)
     assert fresh_kernel.value("1 + 1") == 2
 
 
@@ -393,18 +378,7 @@ def test_processes_a_cell_leaves_running_end_with_it(kernel, options):
         assert wait_gone(left) == [], "a process the cell started outlived it"
         assert [p for p in descendants(kernel.pid) if p.status() == psutil.STATUS_ZOMBIE] == []
     finally:
-        _kill_sleepers(left)
-
-
-def _kill_sleepers(pids) -> None:
-    """Whatever a failed test left of the cell's ``sleep 600``s, by pid."""
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            if proc.cmdline() == ["sleep", "600"]:
-                proc.kill()
-        except psutil.Error:
-            pass
+        kill_sleepers(left)
 
 
 def test_processes_of_a_cell_that_crashed_end_with_it(kernel):
@@ -415,7 +389,7 @@ def test_processes_of_a_cell_that_crashed_end_with_it(kernel):
         assert child != kernel.pid
         assert wait_gone([in_group]) == [], "the crashed cell's process group outlived it"
     finally:  # what left the group went to init with the child's death (use -p for those)
-        _kill_sleepers([in_group, *detached])
+        kill_sleepers([in_group, *detached])
 
 
 def test_a_cell_still_waits_for_its_own_children(kernel):

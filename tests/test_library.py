@@ -12,6 +12,7 @@ import pytest
 from nsmagic import (CellTimeout, ChildDied, Namespaces, OutputError, Result, Sinks, execute, run,
                      run_code)
 from nsmagic.outcome import Outcome
+from processes import kill_sleepers, wait_gone
 
 
 def test_run_returns_the_functions_value_from_fresh_namespaces():
@@ -69,17 +70,9 @@ def test_what_the_function_left_running_ends_with_it():
     child, sleeper = run(_start_detached_sleeper, namespaces=Namespaces(net=True))
     try:
         assert child != os.getpid()
-        end = time.monotonic() + 5
-        while os.path.exists(f"/proc/{sleeper}") and time.monotonic() < end:
-            time.sleep(0.02)
-        assert not os.path.exists(f"/proc/{sleeper}"), "the child's detached process outlived it"
+        assert wait_gone([sleeper]) == [], "the child's detached process outlived it"
     finally:
-        try:
-            with open(f"/proc/{sleeper}/cmdline") as f:
-                if f.read() == "sleep\x00600\x00":
-                    os.kill(sleeper, 9)
-        except OSError:
-            pass
+        kill_sleepers([sleeper])
 
 
 def test_timeout_kills_the_whole_pid_namespace():

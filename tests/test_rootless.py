@@ -1,9 +1,8 @@
 """nsmagic in a kernel run by an unprivileged user, as students often run JupyterLab."""
 
-import time
-
-import psutil
 import pytest
+
+from processes import kill_sleepers, wait_gone
 
 pytestmark = pytest.mark.rootless
 
@@ -103,14 +102,6 @@ def test_a_students_cell_leaves_nothing_running(student):
     child, sleeper = map(int, cell.stdout.split())
     try:
         assert child != student.pid
-        end = time.monotonic() + 5
-        while psutil.pid_exists(sleeper) and time.monotonic() < end:
-            time.sleep(0.02)
-        assert not psutil.pid_exists(sleeper), "the student's cell left its sleep running"
+        assert wait_gone([sleeper]) == [], "the student's cell left its sleep running"
     finally:
-        try:
-            proc = psutil.Process(sleeper)
-            if proc.cmdline() == ["sleep", "600"]:
-                proc.kill()
-        except psutil.Error:
-            pass
+        kill_sleepers([sleeper])
