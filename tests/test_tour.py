@@ -21,6 +21,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from processes import kill_sleepers
+
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "tour.ipynb"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -217,6 +219,15 @@ def test_pid_with_mount_proc_is_pid_1_alone(executed):
     assert pids[1][0] == 0 and pids[1][1].startswith("python")
     assert "ps" in {comm for _, comm in pids.values()}
     assert max(pids) < 10  # only the namespace's own processes
+
+
+def test_what_a_cell_leaves_running_ends_with_it(executed):
+    started = line_value(stdout(executed, "check-leftover"), "started pid")
+    try:
+        assert started.endswith("left it running")
+        assert line_value(stdout(executed, "check-leftover-gone"), "still running after the cell:") == "False"
+    finally:
+        kill_sleepers([int(started.split()[0])])
 
 
 def test_hostname_inside_and_unchanged_in_the_kernel(executed):
