@@ -143,7 +143,7 @@ def main(plan: Plan) -> None:
             pass
     finally:
         if _adopting:
-            _end_leftovers()
+            end_leftovers()
         os._exit(status)
 
 
@@ -262,7 +262,7 @@ def _adopt_orphans() -> None:
     ``subprocess.Popen`` the cell never waited for would run on, orphaned and out of the
     notebook's reach, holding the cell's namespaces alive. PID 1 of a new PID namespace gets
     this from Linux (its exit kills the namespace); any other child asks for it here, as
-    ``docker run --init`` does, and :func:`_end_leftovers` ends them."""
+    ``docker run --init`` does, and :func:`end_leftovers` ends them."""
     global _adopting
     if os.getpid() != 1:
         set_child_subreaper()
@@ -270,10 +270,12 @@ def _adopt_orphans() -> None:
         steps.record("prctl(PR_SET_CHILD_SUBREAPER, 1)")
 
 
-def _end_leftovers() -> None:
+def end_leftovers() -> None:
     """Kill and reap whatever the cell left running, down to the last descendant (orphans come
-    to us as their parents die). Never waits on what it cannot see: without a readable
-    /proc it leaves the rest to init rather than risk hanging the kernel's reaper."""
+    to us as their parents die). Never waits on what it cannot end: a process it may not
+    signal (one that made itself another user) or cannot see (no readable /proc) is left to
+    init, rather than hang this child, and with it the kernel's reaper, for good."""
+    _signal.signal(signal.SIGINT, _signal.SIG_IGN)  # the cell is over, however it ended
     for _ in range(1000):
         try:
             if os.waitpid(-1, os.WNOHANG)[0]:
@@ -282,16 +284,17 @@ def _end_leftovers() -> None:
             return  # no children left
         except InterruptedError:
             continue
-        alive = _children()
-        if not alive:
-            return
-        for pid in alive:
+        killed = 0
+        for pid in _children():
             try:
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                killed += 1
+            except OSError:
                 pass
+        if not killed:
+            return
         try:
-            os.waitpid(-1, 0)
+            os.waitpid(-1, 0)  # one of those just killed, at least, is about to end
         except (ChildProcessError, InterruptedError):
             pass
 

@@ -299,3 +299,43 @@ def test_the_gil_keeping_system_calls_do_what_their_os_counterparts_do():
     finally:
         for fd in (r, w, memfd, ns):
             os.close(fd)
+
+
+def test_the_childs_sweep_leaves_what_it_may_not_kill_rather_than_hang():
+    """A leftover of another user (root's sleep under a sweeper that became nobody): kill() is
+    refused, and the sweep must return instead of waiting for it forever."""
+    import os
+    import select
+    import subprocess
+    import time
+
+    from nsmagic import child
+    from processes import kill_sleepers
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.write(w, b"%d\n" % subprocess.Popen(["sleep", "600"]).pid)
+            os.setgid(65534)
+            os.setuid(65534)
+            start = time.monotonic()
+            child.end_leftovers()
+            os.write(w, b"%f\n" % (time.monotonic() - start))
+        finally:
+            os._exit(0)
+    os.close(w)
+    lines = os.fdopen(r, "rb")
+    sleeper = None
+    try:
+        sleeper = int(lines.readline())
+        assert select.select([lines], [], [], 20)[0], "the sweep hung on a process it may not kill"
+        assert float(lines.readline()) < 5
+        assert os.path.exists(f"/proc/{sleeper}")  # left to init, not killed
+    finally:
+        lines.close()
+        os.kill(pid, 9)  # if it hung; then its sleep, too, goes to init
+        os.waitpid(pid, 0)
+        if sleeper is not None:
+            kill_sleepers([sleeper])
