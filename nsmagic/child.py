@@ -264,9 +264,9 @@ def _adopt_orphans() -> None:
     this from Linux (its exit kills the namespace); any other child asks for it here, as
     ``docker run --init`` does, and :func:`end_leftovers` ends them."""
     global _adopting
-    if os.getpid() != 1:
+    _adopting = os.getpid() != 1  # set either way: a nested run's child inherits the flag
+    if _adopting:
         set_child_subreaper()
-        _adopting = True
         steps.record("prctl(PR_SET_CHILD_SUBREAPER, 1)")
 
 
