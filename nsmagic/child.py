@@ -18,8 +18,10 @@ import gc
 import errno as errno_module
 import getpass
 import os
+import select
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -270,33 +272,48 @@ def _adopt_orphans() -> None:
         steps.record("prctl(PR_SET_CHILD_SUBREAPER, 1)")
 
 
-def end_leftovers() -> None:
+#: Seconds a child waits for what it killed to end before it leaves the rest to init: a process
+#: stuck in an uninterruptible call (an unreachable NFS server) dies only when the call returns,
+#: and until this child exits, the kernel's reaper waits for it.
+PATIENCE = 2.0
+
+
+def end_leftovers(patience: float = PATIENCE) -> None:
     """Kill and reap whatever the cell left running, down to the last descendant (orphans come
-    to us as their parents die). Never waits on what it cannot end: a process it may not
-    signal (one that made itself another user) or cannot see (no readable /proc) is left to
-    init, rather than hang this child, and with it the kernel's reaper, for good."""
+    to us as their parents die). Never waits long on what it cannot end: a process it may not
+    signal (one that made itself another user), cannot see (no readable /proc) or that does not
+    die within *patience* seconds is left to init."""
     _signal.signal(signal.SIGINT, _signal.SIG_IGN)  # the cell is over, however it ended
-    for _ in range(1000):
+    deadline = time.monotonic() + patience
+    while True:
         try:
-            if os.waitpid(-1, os.WNOHANG)[0]:
-                continue  # reaped one that had already ended
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass  # reaped one that had already ended
         except ChildProcessError:
             return  # no children left
-        except InterruptedError:
-            continue
-        killed = 0
+        dying = []
         for pid in _children():
             try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
+                fd = os.pidfd_open(pid)
             except OSError:
-                pass
-        if not killed:
+                continue
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                dying.append(fd)
+            except OSError:
+                os.close(fd)
+        if not dying:
             return
+        poller = select.poll()
+        for fd in dying:
+            poller.register(fd, select.POLLIN)
         try:
-            os.waitpid(-1, 0)  # one of those just killed, at least, is about to end
-        except (ChildProcessError, InterruptedError):
-            pass
+            ended = poller.poll(max(0, int((deadline - time.monotonic()) * 1000)))
+        finally:
+            for fd in dying:
+                os.close(fd)
+        if not ended or time.monotonic() >= deadline:
+            return
 
 
 def _children() -> list[int]:

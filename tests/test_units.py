@@ -339,3 +339,50 @@ def test_the_childs_sweep_leaves_what_it_may_not_kill_rather_than_hang():
         os.waitpid(pid, 0)
         if sleeper is not None:
             kill_sleepers([sleeper])
+
+
+def test_the_childs_sweep_waits_no_longer_than_its_patience():
+    """A leftover whose death takes longer than the sweep's patience (here: none, and a heap to
+    tear down) is left dying to init; a sweep that waited for it would have reaped it."""
+    import os
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from nsmagic import child
+    from nsmagic.syscalls import set_child_subreaper
+    from processes import wait_gone
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            set_child_subreaper()
+            heap = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(256 << 20); "
+                                     "b[::4096] = b'x' * len(b[::4096]); print(flush=True); time.sleep(600)"],
+                                    stdout=subprocess.PIPE)
+            heap.stdout.readline()
+            start = time.monotonic()
+            child.end_leftovers(patience=0)
+            took = time.monotonic() - start
+            with open(f"/proc/{heap.pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]  # Z: it had ended
+            os.write(w, b"%d %s %f\n" % (heap.pid, state, took))
+        finally:
+            os._exit(0)
+    os.close(w)
+    lines = os.fdopen(r, "rb")
+    heap = None
+    try:
+        assert select.select([lines], [], [], 30)[0]
+        heap, state, took = lines.readline().split()
+        heap = int(heap)
+        assert float(took) < 1
+        assert state != b"Z", "the sweep waited for the leftover's end"
+    finally:
+        lines.close()
+        os.kill(pid, 9)  # if it hung
+        os.waitpid(pid, 0)
+    assert wait_gone([heap]) == [], "the leftover was not killed"
