@@ -27,6 +27,7 @@ from __future__ import annotations
 import _signal
 import os
 import queue
+import select
 import signal
 import sys
 import threading
@@ -154,31 +155,68 @@ class Reaper:
 
     A child's teardown (a network namespace, a large copy-on-write heap) takes milliseconds the
     cell need not wait for, so the kernel returns as soon as the report is in and this thread
-    does the ``waitpid``. It blocks in the kernel, not in Python, and is started once.
+    does the ``waitpid``. It waits for all of them at once, on a pidfd each, so that a child
+    slow to end (a process stuck in the kernel, which not even SIGKILL ends until its call
+    returns) holds up no other child's reaping and clean-up. It sleeps in ``poll``, not in
+    Python, and is started once per process.
     """
 
     def __init__(self) -> None:
-        self._pids: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._owner = 0  # the process whose thread, pipe and queue these are
 
     def reap(self, pid: int, then=None) -> None:
         """Wait for *pid* in the background, then call *then* (a clean-up)."""
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="nsmagic-reaper", daemon=True)
+            if self._owner != os.getpid() or not self._thread.is_alive():
+                # First use, or a forked child (a nested run) holding its parent's: start afresh
+                # rather than collect, or clean up after, the parent's children.
+                self._pending: queue.SimpleQueue = queue.SimpleQueue()
+                self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                self._thread = threading.Thread(target=self._run, args=(self._wake[0], self._pending),
+                                                name="nsmagic-reaper", daemon=True)
                 self._thread.start()
-        self._pids.put((pid, then))
-
-    def _run(self) -> None:
-        while True:
-            pid, then = self._pids.get()
+                self._owner = os.getpid()
+            self._pending.put((pid, then))
             try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
+                os.write(self._wake[1], b"\0")
+            except BlockingIOError:  # the pipe is full of wake-ups the thread has yet to read
                 pass
-            if then is not None:
-                then()
+
+    @staticmethod
+    def _run(wake: int, pending: queue.SimpleQueue) -> None:
+        poller = select.poll()
+        poller.register(wake, select.POLLIN)
+        waiting: dict[int, tuple] = {}  # pidfd -> (pid, then)
+        while True:
+            for fd, _ in poller.poll():
+                if fd != wake:
+                    poller.unregister(fd)
+                    os.close(fd)
+                    _collect(*waiting.pop(fd))
+                    continue
+                try:
+                    os.read(wake, 4096)
+                except BlockingIOError:
+                    pass
+                while not pending.empty():
+                    pid, then = pending.get()
+                    try:
+                        pidfd = os.pidfd_open(pid)
+                    except OSError:  # already reaped here (a child the kernel waited for itself)
+                        _collect(pid, then)
+                        continue
+                    waiting[pidfd] = (pid, then)
+                    poller.register(pidfd, select.POLLIN)
+
+
+def _collect(pid: int, then) -> None:
+    try:
+        os.waitpid(pid, 0)  # it has ended: this does not block
+    except ChildProcessError:
+        pass
+    if then is not None:
+        then()
 
 
 reaper = Reaper()

@@ -34,6 +34,9 @@ from .values import Unpacker
 
 _CHUNK = 1 << 16
 
+#: Seconds the kernel waits for a SIGKILLed child to end before it leaves it to the reaper.
+KILL_WAIT = 5.0
+
 
 class Sinks:
     """Where the child's output goes in the calling process.
@@ -204,6 +207,7 @@ class _Run:
         self.pid = 0
         self.pidfd = -1
         self.settled = False
+        self.reaped = False
         self.reader = FrameReader()
         self.decoders = {}
         self.unpacker: Unpacker | None = None
@@ -450,12 +454,16 @@ class _Run:
         clean up after it."""
         if not self.settled:
             self.settled = True
-            reaper.reap(self.pid, lambda: cleanup_all(self.parts) if self.parts else None)
+            self._leave_to_reaper()
+
+    def _leave_to_reaper(self) -> None:
+        reaper.reap(self.pid, lambda: cleanup_all(self.parts) if self.parts else None)
 
     def _reap(self) -> int:
         """Wait for the child here, then clean up after it; its wait status."""
         try:
             _, status = os.waitpid(self.pid, 0)
+            self.reaped = True
         finally:
             cleanup_all(self.parts)
         return status
@@ -467,24 +475,31 @@ class _Run:
 
         PID 1 of a PID namespace ignores signals it has no handler for, but the child keeps
         Python's SIGINT handler, so SIGINT first lets the cell's ``finally`` blocks run; after
-        the grace period, SIGKILL, which always works and takes the whole namespace with it.
+        the grace period, SIGKILL, which always works and takes the whole namespace with it,
+        though only once the child is out of the kernel: one stuck in an uninterruptible call
+        (a dead NFS server, a frozen cgroup) is left to the reaper after :data:`KILL_WAIT`
+        seconds, so that the kernel goes on.
         """
         if self.settled or not self.pid:
             return
         self.settled = True
-        if self.pidfd < 0:  # interrupted between fork and the pump: no grace, no output to pass on
-            first = signal.SIGKILL
+        if self.pidfd < 0:  # interrupted between fork and the pump: it has run nothing yet
+            self._signal(signal.SIGKILL)
+            self._reap()
+            return
         try:
             if first == signal.SIGINT and self.grace > 0:
                 self._signal(signal.SIGINT)
                 if self._wait_exit(self.grace):
                     return
             self._signal(signal.SIGKILL)
-        except KeyboardInterrupt:  # interrupted again while waiting: no more grace
-            self._signal(signal.SIGKILL)
-            self._reap()
+            if not self._wait_exit(KILL_WAIT):
+                self._leave_to_reaper()
+        except KeyboardInterrupt:  # interrupted again while waiting: no more waiting here
+            if not self.reaped:
+                self._signal(signal.SIGKILL)
+                self._leave_to_reaper()
             raise
-        self._reap()
 
     def _signal(self, sig: int) -> None:
         """Signal the child's process group (itself and what it started), once."""

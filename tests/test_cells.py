@@ -317,6 +317,50 @@ def test_timeout_kills_child_and_says_so(kernel):
     assert [p for p in descendants(kernel.pid) if p.name() == "sleep"] == []
 
 
+FREEZER = "/sys/fs/cgroup/freezer"
+
+
+@pytest.fixture
+def frozen_cgroup():
+    """A cgroup v1 freezer cgroup of the test's own: a process frozen in it ends on SIGKILL only
+    once thawed, as one stuck in an uninterruptible call does."""
+    if not os.path.isdir(FREEZER):
+        pytest.skip("this test needs the cgroup v1 freezer (mounted on the machine the tests run on)")
+    path = f"{FREEZER}/nsmagic-test-{os.getpid()}"
+    os.mkdir(path)
+    try:
+        yield path
+    finally:
+        with open(f"{path}/freezer.state", "w") as f:
+            f.write("THAWED")
+        end = time.monotonic() + 10
+        while open(f"{path}/cgroup.procs").read().split() and time.monotonic() < end:
+            time.sleep(0.05)
+        os.rmdir(path)
+
+
+def test_a_child_sigkill_cannot_end_yet_is_left_to_the_reaper(fresh_kernel, frozen_cgroup):
+    k = fresh_kernel
+    k.execute("import nsmagic.runner\nnsmagic.runner.KILL_WAIT = 0.5\n"
+              "%config InNamespaceMagics.grace_period = 0.2").ok()
+    t0 = time.monotonic()
+    cell = k.execute(f"%%innamespace -n --timeout 1\nimport os, time\n"
+                     f"assert os.getpid() != {k.pid}, 'must not freeze the kernel'\n"
+                     f"open('{frozen_cgroup}/cgroup.procs', 'w').write(str(os.getpid()))\n"
+                     f"open('{frozen_cgroup}/freezer.state', 'w').write('FROZEN')\ntime.sleep(60)")
+    assert cell.ename == "CellTimeout"
+    assert time.monotonic() - t0 < 1 + 0.2 + 0.5 + 3, "the kernel waited for a child it cannot end"
+    frozen = [int(p) for p in open(f"{frozen_cgroup}/cgroup.procs").read().split()]
+    assert len(frozen) == 1 and frozen[0] != k.pid
+    # The kernel goes on, and a later child is reaped while the frozen one still waits.
+    later = k.value_in("-n", "__import__('os').getpid()")
+    assert wait_gone([later]) == [], "the reaper waited for the frozen child first"
+    assert psutil.pid_exists(frozen[0])
+    with open(f"{frozen_cgroup}/freezer.state", "w") as f:
+        f.write("THAWED")
+    assert wait_gone(frozen) == [], "the killed child, thawed, was never reaped"
+
+
 def test_finally_blocks_run_on_interrupt(fresh_kernel):
     msg_id = fresh_kernel.kc.execute("%%innamespace -p\nimport time\ntry:\n    print('in', flush=True)\n"
                                      "    time.sleep(60)\nfinally:\n    print('cleaned up', flush=True)")
