@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import _signal
 import os
-import queue
 import select
 import signal
 import sys
@@ -155,59 +154,46 @@ class Reaper:
 
     A child's teardown (a network namespace, a large copy-on-write heap) takes milliseconds the
     cell need not wait for, so the kernel returns as soon as the report is in and this thread
-    does the ``waitpid``. It waits for all of them at once, on a pidfd each, so that a child
-    slow to end (a process stuck in the kernel, which not even SIGKILL ends until its call
-    returns) holds up no other child's reaping and clean-up. It sleeps in ``poll``, not in
-    Python, and is started once per process.
+    does the ``waitpid``. It waits for all of them at once, each a pidfd in one epoll set, so
+    that a child slow to end (a process stuck in the kernel, which not even SIGKILL ends until
+    its call returns) holds up no other child's reaping and clean-up. The kernel adds a child
+    to the set without waking the thread, which runs only when a child has ended.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._owner = 0  # the process whose thread, pipe and queue these are
+        self._owner = 0  # the process whose thread and epoll set these are
 
     def reap(self, pid: int, then=None) -> None:
         """Wait for *pid* in the background, then call *then* (a clean-up)."""
         with self._lock:
             if self._owner != os.getpid() or not self._thread.is_alive():
-                # First use, or a forked child (a nested run) holding its parent's: start afresh
-                # rather than collect, or clean up after, the parent's children.
-                self._pending: queue.SimpleQueue = queue.SimpleQueue()
-                self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-                self._thread = threading.Thread(target=self._run, args=(self._wake[0], self._pending),
+                # First use, or a forked child (a nested run) holding its parent's, whose epoll
+                # set it shares: start afresh rather than collect the parent's children.
+                self._epoll = select.epoll()
+                self._waiting: dict[int, tuple] = {}  # pidfd -> (pid, then)
+                self._thread = threading.Thread(target=self._run, args=(self._epoll, self._waiting),
                                                 name="nsmagic-reaper", daemon=True)
                 self._thread.start()
                 self._owner = os.getpid()
-            self._pending.put((pid, then))
             try:
-                os.write(self._wake[1], b"\0")
-            except BlockingIOError:  # the pipe is full of wake-ups the thread has yet to read
-                pass
+                pidfd = os.pidfd_open(pid)
+            except OSError:  # out of descriptors: wait for this one on a thread of its own
+                threading.Thread(target=_collect, args=(pid, then), daemon=True).start()
+                return
+            self._waiting[pidfd] = (pid, then)
+            self._epoll.register(pidfd, select.EPOLLIN)
 
     @staticmethod
-    def _run(wake: int, pending: queue.SimpleQueue) -> None:
-        poller = select.poll()
-        poller.register(wake, select.POLLIN)
-        waiting: dict[int, tuple] = {}  # pidfd -> (pid, then)
+    def _run(epoll, waiting: dict) -> None:
         while True:
-            for fd, _ in poller.poll():
-                if fd != wake:
-                    poller.unregister(fd)
-                    os.close(fd)
-                    _collect(*waiting.pop(fd))
-                    continue
-                try:
-                    os.read(wake, 4096)
-                except BlockingIOError:
-                    pass
-                while not pending.empty():
-                    pid, then = pending.get()
-                    try:
-                        pidfd = os.pidfd_open(pid)
-                    except OSError:  # already reaped here (a child the kernel waited for itself)
-                        _collect(pid, then)
-                        continue
-                    waiting[pidfd] = (pid, then)
-                    poller.register(pidfd, select.POLLIN)
+            for pidfd, _ in epoll.poll():
+                # Unregistered before closing: a forked child may hold a copy of the pidfd,
+                # which would keep it in the set under a number this process reuses.
+                epoll.unregister(pidfd)
+                pid, then = waiting.pop(pidfd)
+                os.close(pidfd)
+                _collect(pid, then)
 
 
 def _collect(pid: int, then) -> None:
