@@ -178,7 +178,7 @@ class Reaper:
                 self._owner = os.getpid()
             try:
                 pidfd = os.pidfd_open(pid)
-            except OSError:  # out of descriptors: wait for this one on a thread of its own
+            except OSError:  # out of descriptors (or gone already): wait on a thread of its own
                 threading.Thread(target=_collect, args=(pid, then), daemon=True).start()
                 return
             self._waiting[pidfd] = (pid, then)
