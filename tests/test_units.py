@@ -246,7 +246,7 @@ def test_a_history_thread_that_misses_its_stop_is_still_stopped_before_a_fork(tm
     thread = manager.save_thread
     assert thread is not None and thread.is_alive()
     if not (hasattr(HistoryManager, "_restart_thread_if_stopped") and hasattr(thread, "_stop_now")):
-        manager.close()
+        thread.stop()  # IPython 8: its thread, left alone by nsmagic (nothing stops it at a fork)
         pytest.skip("this IPython's history thread is not the one nsmagic.history guards")
 
     clearing = threading.Event()
