@@ -334,9 +334,14 @@ def frozen_cgroup():
         with open(f"{path}/freezer.state", "w") as f:
             f.write("THAWED")
         end = time.monotonic() + 10
-        while open(f"{path}/cgroup.procs").read().split() and time.monotonic() < end:
+        while _members(path) and time.monotonic() < end:
             time.sleep(0.05)
         os.rmdir(path)
+
+
+def _members(cgroup: str) -> list[int]:
+    with open(f"{cgroup}/cgroup.procs") as f:
+        return [int(pid) for pid in f.read().split()]
 
 
 def test_a_child_sigkill_cannot_end_yet_is_left_to_the_reaper(fresh_kernel, frozen_cgroup):
@@ -350,7 +355,7 @@ def test_a_child_sigkill_cannot_end_yet_is_left_to_the_reaper(fresh_kernel, froz
                      f"open('{frozen_cgroup}/freezer.state', 'w').write('FROZEN')\ntime.sleep(60)")
     assert cell.ename == "CellTimeout"
     assert time.monotonic() - t0 < 1 + 0.2 + 0.5 + 3, "the kernel waited for a child it cannot end"
-    frozen = [int(p) for p in open(f"{frozen_cgroup}/cgroup.procs").read().split()]
+    frozen = _members(frozen_cgroup)
     assert len(frozen) == 1 and frozen[0] != k.pid
     # The kernel goes on, and a later child is reaped while the frozen one still waits.
     later = k.value_in("-n", "__import__('os').getpid()")
