@@ -1,6 +1,8 @@
-"""Pure pieces: framing, option checks, flags, advice. No processes, no kernel."""
+"""Pieces tested on their own, without a kernel: framing, option checks, flags, advice, the
+history guard, the GIL-keeping system calls and the child's sweep (in real forked processes)."""
 
 import errno
+from contextlib import contextmanager
 
 import pytest
 
@@ -301,51 +303,73 @@ def test_the_gil_keeping_system_calls_do_what_their_os_counterparts_do():
             os.close(fd)
 
 
-def test_the_childs_sweep_leaves_what_it_may_not_kill_rather_than_hang():
-    """A leftover of another user (root's sleep under a sweeper that became nobody): kill() is
-    refused, and the sweep must return instead of waiting for it forever."""
+@contextmanager
+def _sweeper(body):
+    """Fork a process that runs ``body(write)``: it starts a leftover, writes its pid as the
+    first line, sweeps, and writes what it saw. Yields the leftover's pid and a reader of the
+    next line (None if none came within its timeout). Whatever happens, the sweeper is killed
+    and reaped and the leftover is killed (psutil checks it is still the same process)."""
     import os
     import select
-    import subprocess
-    import time
 
-    from nsmagic import child
-    from processes import kill_sleepers
+    import psutil
 
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(r)
-            os.write(w, b"%d\n" % subprocess.Popen(["sleep", "600"]).pid)
-            os.setgid(65534)
-            os.setuid(65534)
-            start = time.monotonic()
-            child.end_leftovers()
-            os.write(w, b"%f\n" % (time.monotonic() - start))
+            body(lambda text: os.write(w, text.encode() + b"\n"))
         finally:
             os._exit(0)
     os.close(w)
     lines = os.fdopen(r, "rb")
-    sleeper = None
+    leftover = None
     try:
-        sleeper = int(lines.readline())
-        assert select.select([lines], [], [], 20)[0], "the sweep hung on a process it may not kill"
-        assert float(lines.readline()) < 5
-        assert os.path.exists(f"/proc/{sleeper}")  # left to init, not killed
+        leftover = psutil.Process(int(lines.readline()))
+
+        def next_line(timeout):
+            return lines.readline().decode() if select.select([lines], [], [], timeout)[0] else None
+
+        yield leftover.pid, next_line
     finally:
         lines.close()
-        os.kill(pid, 9)  # if it hung; then its sleep, too, goes to init
+        os.kill(pid, 9)  # if it hung
         os.waitpid(pid, 0)
-        if sleeper is not None:
-            kill_sleepers([sleeper])
+        if leftover is not None:
+            try:
+                leftover.kill()
+            except psutil.Error:
+                pass
+
+
+def test_the_childs_sweep_leaves_what_it_may_not_kill_rather_than_hang():
+    """A leftover of another user (root's sleep under a sweeper that became nobody): kill() is
+    refused, and the sweep must return instead of waiting for it forever."""
+    import os
+    import subprocess
+    import time
+
+    from nsmagic import child
+
+    def body(write):
+        write(str(subprocess.Popen(["sleep", "600"]).pid))
+        os.setgid(65534)
+        os.setuid(65534)
+        start = time.monotonic()
+        child.end_leftovers()
+        write(str(time.monotonic() - start))
+
+    with _sweeper(body) as (sleeper, next_line):
+        took = next_line(20)
+        assert took is not None, "the sweep hung on a process it may not kill"
+        assert float(took) < 5
+        assert os.path.exists(f"/proc/{sleeper}")  # left to init, not killed
 
 
 def test_the_childs_sweep_waits_no_longer_than_its_patience():
     """A leftover whose death takes longer than the sweep's patience (here: none, and a heap to
     tear down) is left dying to init; a sweep that waited for it would have reaped it."""
-    import os
-    import select
     import subprocess
     import sys
     import time
@@ -354,35 +378,24 @@ def test_the_childs_sweep_waits_no_longer_than_its_patience():
     from nsmagic.syscalls import set_child_subreaper
     from processes import wait_gone
 
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            set_child_subreaper()
-            heap = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(256 << 20); "
-                                     "b[::4096] = b'x' * len(b[::4096]); print(flush=True); time.sleep(600)"],
-                                    stdout=subprocess.PIPE)
-            heap.stdout.readline()
-            start = time.monotonic()
-            child.end_leftovers(patience=0)
-            took = time.monotonic() - start
-            with open(f"/proc/{heap.pid}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]  # Z: it had ended
-            os.write(w, b"%d %s %f\n" % (heap.pid, state, took))
-        finally:
-            os._exit(0)
-    os.close(w)
-    lines = os.fdopen(r, "rb")
-    heap = None
-    try:
-        assert select.select([lines], [], [], 30)[0]
-        heap, state, took = lines.readline().split()
-        heap = int(heap)
+    def body(write):
+        set_child_subreaper()
+        heap = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(256 << 20); "
+                                 "b[::4096] = b'x' * len(b[::4096]); print(flush=True); time.sleep(600)"],
+                                stdout=subprocess.PIPE)
+        write(str(heap.pid))
+        heap.stdout.readline()
+        start = time.monotonic()
+        child.end_leftovers(patience=0)
+        took = time.monotonic() - start
+        with open(f"/proc/{heap.pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0].decode()  # Z: it had ended
+        write(f"{state} {took}")
+
+    with _sweeper(body) as (heap, next_line):
+        seen = next_line(30)
+        assert seen is not None, "the sweep hung"
+        state, took = seen.split()
         assert float(took) < 1
-        assert state != b"Z", "the sweep waited for the leftover's end"
-    finally:
-        lines.close()
-        os.kill(pid, 9)  # if it hung
-        os.waitpid(pid, 0)
-    assert wait_gone([heap]) == [], "the leftover was not killed"
+        assert state != "Z", "the sweep waited for the leftover's end"
+        assert wait_gone([heap]) == [], "the leftover was not killed"
