@@ -314,8 +314,10 @@ def _sweeper(body):
 
     import psutil
 
+    from nsmagic.clone import fork
+
     r, w = os.pipe()
-    pid = os.fork()
+    pid = fork()  # (without Python 3.12's warning about forking this multi-threaded process)
     if pid == 0:
         try:
             os.close(r)
