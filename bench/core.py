@@ -77,11 +77,14 @@ def at_least(name: str, baseline: str, candidate: str, ratio: float, limit: floa
     return Verdict(name, baseline, candidate, ratio, f">= {limit:g}{what}", ratio >= limit, note)
 
 
-def floor_note(what: str, floor_ratio: float, limit: float) -> str:
+def floor_note(what: str, floor_ratio: float, limit: float, faster: bool = False) -> str:
     """A note for a target that the floor measured in the same run already misses: no design
-    built on that floor could meet it on this machine."""
-    if floor_ratio <= limit:
+    built on that floor could meet it on this machine. With *faster*, the ratio is how many
+    times faster than the baseline, and the target a least one."""
+    if (floor_ratio >= limit) if faster else (floor_ratio <= limit):
         return ""
+    if faster:
+        return f"{what} alone is {floor_ratio:.2f}x faster: the target is beyond the floor on this machine"
     return f"{what} alone is {floor_ratio:.2f}x: the target is below the floor on this machine"
 
 
