@@ -80,7 +80,7 @@ def at_least(name: str, baseline: str, candidate: str, ratio: float, limit: floa
 def floor_note(what: str, floor_ratio: float, limit: float, faster: bool = False) -> str:
     """A note for a target that the floor measured in the same run already misses: no design
     built on that floor could meet it on this machine. With *faster*, the ratio is how many
-    times faster than the baseline, and the target a least one."""
+    times faster than the baseline, and the target is a lower bound."""
     if (floor_ratio >= limit) if faster else (floor_ratio <= limit):
         return ""
     if faster:
