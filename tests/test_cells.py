@@ -325,6 +325,7 @@ def frozen_cgroup():
     """A cgroup v1 freezer cgroup of the test's own: a process frozen in it ends on SIGKILL only
     once thawed, as one stuck in an uninterruptible call does."""
     if not os.path.isdir(FREEZER):
+        # (cgroup v2's freezer will not do: it lets SIGKILL through, so it cannot hold a killed process)
         pytest.skip("this test needs the cgroup v1 freezer (mounted on the machine the tests run on)")
     path = f"{FREEZER}/nsmagic-test-{os.getpid()}"
     os.mkdir(path)
