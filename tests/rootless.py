@@ -41,7 +41,7 @@ from traitlets import Int
 from kernel import Kernel
 
 REPO = Path(__file__).resolve().parent.parent
-USER = "nsmagic-test"
+USER = os.environ.get("NSMAGIC_TEST_USER", "nsmagic-test")  # distinct names let two suites run at once
 SYSTEM_PYTHON = "/usr/bin/python3"
 REQUIREMENTS = ("ipykernel", "jupyter_client", "cloudpickle", "traitlets", "ipython")
 KERNEL_NAME = "nsmagic-rootless"
