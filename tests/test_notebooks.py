@@ -6,8 +6,9 @@
   with a summary.
 * ``notebook`` + ``root``: each notebook of the series runs headless (nbclient, a real kernel) as
   root, from a temp copy; nbclient fails on an error in any cell not tagged ``raises-exception``.
-* ``notebook`` + ``rootless``: the same as an unprivileged user (tests/rootless.py's user and
-  venv; ``NSMAGIC_TEST_USER`` names the user), where steps that need root print a note instead.
+  (The tour's root run, with a test per section, is tests/test_tour.py.)
+* ``notebook`` + ``rootless``: the series and the tour as an unprivileged user (tests/rootless.py's
+  user and venv; ``NSMAGIC_TEST_USER`` names the user), where steps that need root print a note.
 
 Both runs also check a few outputs per notebook: what each lesson says its cells show.
 """
@@ -36,6 +37,11 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 #: Per notebook, (pattern, who) pairs that must match its outputs: who is "root", "user" or "both".
 EXPECTED: dict[str, list[tuple[str, str]]] = {
+    "tour": [
+        (r"not root: every cell below gets -r", "user"),
+        (r"skipped here: needs root here: a veth pair", "user"),
+        (r"pid with default_options '-r --pid --mount-proc': 1\b", "user"),
+    ],
     "01-clone": [
         (r"hostname inside:\s+warden-0", "both"),
         (r"queues inside: 1\b", "both"),
@@ -229,7 +235,7 @@ def _user_kernel_manager(env):
 
 @pytest.mark.notebook
 @pytest.mark.rootless
-@pytest.mark.parametrize("path", SERIES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", STORED, ids=lambda p: p.stem)
 def test_runs_as_a_student(path, student):
     from jupyter_core.utils import run_sync
 
