@@ -209,3 +209,56 @@ def test_library_box_without_ipython():
             box.run_code("1 / 0")
         pid = box.worker
     assert wait_gone([pid]) == []
+
+
+@pytest.mark.rootless
+def test_rootless_box_keeps_state_and_links_in_one_user_namespace(rootless_kernel):
+    k = rootless_kernel
+    k.execute("%load_ext nsmagic").ok()
+    try:
+        cell = k.execute("%%innamespace --name home -r -n -p --mount-proc --lo\nimport os\n"
+                         "visits = [os.getpid(), os.getuid()]\nsorted(os.listdir('/proc'))[:0]").ok()
+        cell = k.execute("%%innamespace --name home\nimport os\nvisits.append(len([p for p in os.listdir('/proc') "
+                         "if p.isdigit()]))\nvisits").ok()
+        assert cell.result["text/plain"] == "[1, 0, 1]"
+        # two boxes in sibling user namespaces cannot be linked; the error says how
+        k.execute("%%innamespace --name other -r -n --lo\npass").ok()
+        cell = k.execute("%nslink home other")
+        assert cell.ename == "PrivilegeError" and "--join-user home" in cell.evalue
+        # one user namespace, two network namespaces: the link works rootless
+        k.execute("%%innamespace --name peer -n --lo --join-user home\nimport os\nos.getuid()").ok()
+        cell = k.execute("lk = %nslink home peer\nlk").ok()
+        cell = k.execute("%%innamespace --name home\nimport socket, threading\n"
+                         "srv = socket.create_server(('0.0.0.0', 7000))\n"
+                         "threading.Thread(target=lambda: srv.accept()[0].sendall(b'hello from home'), daemon=True).start()").ok()
+        cell = k.execute("%%innamespace --name peer --in lk\nimport socket\n"
+                         "socket.create_connection((str(lk.addr_a.ip), 7000), timeout=10).recv(100)").ok()
+        assert cell.result["text/plain"] == "b'hello from home'"
+    finally:
+        k.execute("%nsstop --all")
+
+
+@pytest.mark.parametrize("how", ["shutdown", "restart"])
+def test_boxes_end_with_the_kernel_and_leave_no_link(how):
+    k = Kernel.start()
+    try:
+        k.execute("%load_ext nsmagic").ok()
+        k.execute("%%innamespace --name s1 -n --veth\nimport subprocess\n"
+                  "p = subprocess.Popen(['setsid', 'sleep', '600'])").ok()
+        k.execute("%%innamespace --name s2 -p\nimport subprocess\nq = subprocess.Popen(['sleep', '600'])").ok()
+        pids = [p.pid for p in psutil.Process(k.pid).children(recursive=True)]
+        links = k.value("sorted(__import__('nsmagic.network').network._ours)")
+        assert len(pids) >= 4 and links
+        if how == "shutdown":
+            k.km.shutdown_kernel(now=False)
+        else:
+            k.km.restart_kernel(now=False)
+        assert wait_gone(pids, 10) == []
+        import subprocess
+        shown = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert not any(f"{name}@" in shown or f" {name}:" in shown for name in links)
+    finally:
+        if k.km.has_kernel:
+            k.shutdown()
+        else:
+            k.kc.stop_channels()
