@@ -178,6 +178,14 @@ def test_box_output_is_live_and_display_works(boxes):
     assert kinds == ["stream", "display_data", "stream"]
     cell = k.execute("%%innamespace --name show\nname = input('who? ')\nname", stdin=lambda prompt: "ada").ok()
     assert cell.result["text/plain"] == "'ada'"
+    cell = k.execute("%%innamespace --name show\n!echo from a program").ok()  # fd-level streams
+    assert cell.stdout == "from a program\n"
+    cell = k.execute("%%innamespace --name shown --explain -u\npass").ok()  # made: its set-up steps
+    board = cell.of_type("display_data")[0]["content"]["data"]["text/plain"]
+    assert "unshare(CLONE_NEWUTS)" in board
+    cell = k.execute("%%innamespace --name shown --explain\npass").ok()  # later: its namespaces
+    board = cell.of_type("display_data")[0]["content"]["data"]["text/plain"]
+    assert "uts" in board and "new" in board
 
 
 def test_sigkill_of_the_kernel_leaves_no_process_of_any_box():
