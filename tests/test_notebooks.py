@@ -73,6 +73,17 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
         (r"/ holds: \['bin', 'dev', 'etc', 'proc', 'tmp'\]", "both"),
         (r"removed: True", "both"),
     ],
+    "05-network": [
+        (r"connecting to 127\.0\.0\.1: OSError Network is unreachable", "both"),
+        (r"lo is up; a TCP connection", "both"),
+        (r"skipped here: needs root here: a veth pair", "user"),
+        (r"1 received|64 bytes from 169\.254\.", "both"),
+        (r"GET http://169\.254\.\d+\.\d+:8080/ -> hello from web, pid 1", "both"),
+        (r"\"GET / HTTP/1\.1\" 200", "both"),
+        (r"enter: nsenter -t \d+", "both"),
+        (r"a one-shot cell in web's network namespace: \['lo', 'client'\]", "both"),
+        (r"stopped box 'web'", "both"),
+    ],
     "06-users": [
         (r"-U alone: uid 65534", "both"),
         (r"-r: uid 0\b", "both"),
@@ -85,6 +96,17 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
         (r"skipped here: needs", "user"),
         (r"the pids limit stopped the cell at \d+ processes", "root"),
         (r"cgroup namespace: the cell sees its cgroup as /", "both"),
+    ],
+    "08-container": [
+        (r"created: pid 1 on warden-0 - / holds \['bin', 'dev', 'etc', 'proc', 'tmp', 'www'\]", "both"),
+        (r"PRETTY_NAME=\"warden-style busybox\"", "both"),
+        (r"the server is still running: True", "both"),
+        (r"the kernel, on the host, fetched: hello from inside the container", "root"),
+        (r"needs root here: a veth pair to the host", "user"),
+        (r"it fetched: hello from inside the container", "both"),
+        (r"of 128\.0 MiB", "root"),
+        (r"stopped box 'warden-0'", "both"),
+        (r"removed: True", "both"),
     ],
 }
 
@@ -135,8 +157,8 @@ def _check_expected(nb, name: str, who: str) -> None:
 
 def test_the_series_is_there():
     names = [p.stem for p in SERIES]
-    assert names[:4] == ["01-clone", "02-uts-ipc", "03-pid", "04-mounts"], names
-    assert {"06-users", "07-cgroups"} <= set(names)
+    assert names == ["01-clone", "02-uts-ipc", "03-pid", "04-mounts", "05-network", "06-users",
+                     "07-cgroups", "08-container"], names
 
 
 @pytest.mark.parametrize("path", STORED, ids=lambda p: p.stem)
