@@ -68,10 +68,15 @@ def lab(tmp_path_factory):
         if c.cell_type == "code":
             c.outputs, c.execution_count = [], None
     nbformat.write(nb, work / NOTEBOOK)
-    # settings of this server only: no news pop-up over the page
-    settings = root / "settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
+    # settings of this server only: no news pop-up over the page, and every cell in the page (not
+    # only those in view), so that all can be checked
+    settings = root / "settings" / "@jupyterlab"
+    for extension, name, values in (
+        ("apputils-extension", "notification", {"fetchNews": "false"}),
+        ("notebook-extension", "tracker", {"windowingMode": "none"}),
+    ):
+        (settings / extension).mkdir(parents=True, exist_ok=True)
+        (settings / extension / f"{name}.jupyterlab-settings").write_text(json.dumps(values))
     port, token = _free_port(), os.urandom(16).hex()
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTERLAB_WORKSPACES_DIR": str(root / "ws")}
     log = open(root / "lab.log", "w")
@@ -107,6 +112,7 @@ def lab(tmp_path_factory):
 
 
 def test_run_all_in_jupyterlab(lab, tmp_path):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     base, token = lab
@@ -117,22 +123,26 @@ def test_run_all_in_jupyterlab(lab, tmp_path):
             page = browser.new_page(viewport={"width": 1280, "height": 860})
             page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}&reset")
             page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=60_000)
-            try:  # JupyterLab may ask which kernel to start for a notebook opened by URL
-                page.get_by_role("button", name="Select", exact=True).click(timeout=5_000)
-            except Exception:
+            try:  # JupyterLab asks which kernel to start for a notebook opened by URL
+                page.get_by_role("button", name="Select", exact=True).click(timeout=15_000)
+            except PlaywrightTimeout:
                 pass
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
             page.get_by_role("menuitem", name="Run", exact=True).click()
             page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
 
+            count = sum(c.cell_type == "code" for c in nbformat.read(REPO / "notebooks" / NOTEBOOK, as_version=4).cells)
             prompts = page.locator(".jp-CodeCell .jp-InputPrompt")
-            count = prompts.count()
-            assert count >= 10
-            page.wait_for_function(
-                """n => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
-                          return p.length === n && p.every(e => /\\[\\d+\\]/.test(e.textContent)); }""",
-                arg=count, timeout=180_000,
-            )
+            try:
+                page.wait_for_function(
+                    """n => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
+                              return p.length === n && p.every(e => /\\[\\d+\\]/.test(e.textContent)); }""",
+                    arg=count, timeout=60_000,
+                )
+            except Exception:
+                page.screenshot(path=str(tmp_path / "failed.png"))
+                raise AssertionError(f"Run All did not finish; the page: {tmp_path / 'failed.png'}; prompts: "
+                                     f"{prompts.all_text_contents()}") from None
             numbers = [int(re.search(r"\d+", t).group()) for t in prompts.all_text_contents()]
             assert numbers == list(range(1, count + 1))
 
