@@ -56,7 +56,7 @@ class Plan:
     gid: int
     #: The namespace the job's code runs in, whose classes and functions travel back by reference.
     namespace: dict | None = None
-    #: The environment's parts (see nsmagic.parts).
+    #: The environment's parts (see nsmagic.environment).
     parts: list = field(default_factory=list)
     #: Whether to report each step for ``--explain``.
     explain: bool = False

@@ -26,7 +26,7 @@ from .child import Channel, Plan, two_stage
 from .clone import pid_namespace_in_kernel, reaper, spawn
 from .errors import CellTimeout, ChildDied, OptionError, PrivilegeError, SetupError
 from .outcome import Outcome, Result, capture, rebuild
-from .parts import annotate_all, build as build_parts, cleanup_all, prepare_all
+from .environment import annotate_all, build as build_parts, cleanup_all, prepare_all
 from .protocol import FrameReader, Kind
 from .spec import Namespaces
 from .syscalls import CAP_SYS_ADMIN, CloneFlag, advice, has_capability

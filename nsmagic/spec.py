@@ -54,7 +54,7 @@ class Namespaces:
     #: Shift CLOCK_BOOTTIME by this many seconds inside; implies ``time``.
     boottime: float = 0.0
 
-    # -- the environment around the namespaces (see nsmagic.parts) ---------------------------
+    # -- the environment around the namespaces (see nsmagic.environment) ---------------------------
     #: Bring ``lo`` up inside; implies ``net``.
     lo: bool = False
     #: A veth pair to the kernel: ``"HOST_CIDR[:CHILD_ADDR]"``, or ``""`` to pick a free

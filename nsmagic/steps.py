@@ -24,6 +24,7 @@ import os
 import socket
 
 from . import syscalls
+from .errors import StepFailed
 from .spec import Namespaces
 from .syscalls import CloneFlag
 
@@ -38,12 +39,6 @@ def record(call: str) -> None:
     """Note a system call done for ``--explain`` (parts call this for their own steps)."""
     if log is not None:
         log.append((where, call))
-
-
-class StepFailed(Exception):
-    def __init__(self, step: str, err: int, message: str):
-        super().__init__(f"{step}: {message}")
-        self.step, self.errno, self.message = step, err, message
 
 
 _NEWUSER, _NEWPID = int(CloneFlag.NEWUSER), int(CloneFlag.NEWPID)

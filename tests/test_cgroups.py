@@ -11,7 +11,7 @@ import time
 import pytest
 
 from nsmagic import OptionError, PrivilegeError, SetupError
-from nsmagic.cgroups import Hierarchy, choose, hierarchies, human_size, parse_memory, v2_parent
+from nsmagic.environment.cgroups import Hierarchy, choose, hierarchies, human_size, parse_memory, v2_parent
 
 ROOT = "/sys/fs/cgroup"
 
@@ -66,7 +66,7 @@ def test_cell_under_memory_limit_runs_and_sees_its_limit(kernel):
     before = cgroups_of(kernel.pid)
     limit = kernel.value_in("--memory 64M", """(lambda h: [
         open(os.path.join(x.own, 'memory.max' if x.v2 else 'memory.limit_in_bytes')).read().strip()
-        for x in h if 'memory' in x.controllers])(__import__('nsmagic.cgroups').cgroups.hierarchies(
+        for x in h if 'memory' in x.controllers])(__import__('nsmagic.environment.cgroups').environment.cgroups.hierarchies(
         open('/proc/self/cgroup').read(), open('/proc/self/mountinfo').read()))""".replace("os.", "__import__('os')."))
     assert limit == [str(64 * 2**20)]
     assert settled(kernel.pid, before) == before

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nsmagic import Namespaces, OptionError, run
-from nsmagic.mounts import Mounts
+from nsmagic.environment.mounts import Mounts
 
 BUSYBOX = "/bin/busybox"
 APPLETS = ("sh", "ls", "ps", "hostname", "cat", "mount")

@@ -31,11 +31,10 @@ import stat
 import sys
 from dataclasses import dataclass
 
-from . import syscalls
-from .errors import OptionError
-from .parts import Part
-from .spec import Namespaces
-from .steps import StepFailed
+from .. import syscalls
+from ..errors import OptionError, StepFailed
+from ..spec import Namespaces
+from .base import Part
 
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20

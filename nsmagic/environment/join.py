@@ -19,11 +19,11 @@ import errno
 import fcntl
 import os
 
-from .errors import OptionError, PrivilegeError
-from .parts import Part
-from .spec import Namespaces
-from .steps import StepFailed, record
-from .syscalls import CloneFlag, setns
+from ..errors import OptionError, PrivilegeError, StepFailed
+from ..spec import Namespaces
+from ..steps import record
+from ..syscalls import CloneFlag, setns
+from .base import Part
 
 #: ioctl(2) on a namespace file: its CLONE_NEW* type (Linux 4.11).
 NS_GET_NSTYPE = 0xB703

@@ -32,11 +32,11 @@ import socket
 import struct
 import threading
 
-from .errors import OptionError, PrivilegeError, SetupError
-from .parts import Part
-from .spec import Namespaces
-from .steps import StepFailed, record
-from .syscalls import CloneFlag, has_capability, setns
+from ..errors import OptionError, PrivilegeError, SetupError, StepFailed
+from ..spec import Namespaces
+from ..steps import record
+from ..syscalls import CloneFlag, has_capability, setns
+from .base import Part
 
 CAP_NET_ADMIN = 12
 SIOCGIFFLAGS = 0x8913

@@ -37,9 +37,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .errors import OptionError, PrivilegeError, SetupError
-from .parts import Part
-from .steps import StepFailed
+from ..errors import OptionError, PrivilegeError, SetupError, StepFailed
+from .base import Part
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", re.IGNORECASE)
