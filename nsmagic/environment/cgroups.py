@@ -37,7 +37,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..errors import OptionError, PrivilegeError, SetupError, StepFailed
+from ..errors import OptionError, PrivilegeError, SetupError
+from ..steps import do
 from .base import Part
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -251,10 +252,8 @@ class CgroupLimits(Part):
     def before_unshare(self) -> None:
         for group in self.groups:
             try:
-                os.write(group.procs, b"0")
-            except OSError as e:
-                raise StepFailed(f"write 0 to {group.path}/cgroup.procs", e.errno or errno.EIO,
-                                 f"{os.strerror(e.errno or errno.EIO)}: could not join the cell's cgroup") from None
+                do(f"write 0 to {group.path}/cgroup.procs", os.write, group.procs, b"0",
+                   hints=": could not join the cell's cgroup", explained=False)
             finally:
                 os.close(group.procs)
 

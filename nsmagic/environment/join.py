@@ -21,7 +21,7 @@ import os
 
 from ..errors import OptionError, PrivilegeError, StepFailed
 from ..spec import Namespaces
-from ..steps import record
+from ..steps import do
 from ..syscalls import CloneFlag, setns
 from .base import Part
 
@@ -72,17 +72,14 @@ class JoinNamespaces(Part):
 
     def _enter(self, kind: str, fd: int, may_refuse: bool = False) -> bool:
         """setns(2) into one namespace; False if refused and *may_refuse* (to retry later)."""
-        call = f"setns({self.paths[kind]}, CLONE_{_FLAGS[kind].name})"
         try:
-            setns(fd, _FLAGS[kind])
-            record(call)
+            do(f"setns({self.paths[kind]}, CLONE_{_FLAGS[kind].name}) for --join-{kind}", setns, fd, _FLAGS[kind],
+               hints=lambda err: _advice(kind, err))
             return True
-        except OSError as e:
-            err = e.errno or errno.EIO
-            if may_refuse and err == errno.EPERM:
+        except StepFailed as e:
+            if may_refuse and e.errno == errno.EPERM:
                 return False
-            raise StepFailed(f"{call} for --join-{kind}",
-                             err, f"{os.strerror(err)}{_advice(kind, err)}") from None
+            raise
 
     def explain(self) -> list[str]:
         return [f"open({path}) + ioctl(NS_GET_NSTYPE)  [--join-{kind}]" for kind, path in self.paths.items()]
@@ -150,12 +147,10 @@ def _become_root_inside() -> None:
         pass
     for change in (os.setgid, os.setuid):
         try:
-            change(0)
-            record(f"{change.__name__}(0)")
-        except OSError as e:
+            do(f"{change.__name__}(0) after --join-user", change, 0, hints={})
+        except StepFailed as e:
             if e.errno != errno.EINVAL:  # EINVAL: 0 is not mapped there
-                raise StepFailed(f"{change.__name__}(0) after --join-user", e.errno,
-                                 os.strerror(e.errno)) from None
+                raise
 
 
 def _advice(kind: str, err: int) -> str:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from .. import syscalls
 from ..errors import OptionError, StepFailed
 from ..spec import Namespaces
+from ..steps import do
 from .base import Part
 
 MS_RDONLY = 0x1
@@ -294,17 +295,16 @@ def _preload() -> None:
 
 # -- mounting, in the child ----------------------------------------------------------------
 
+_HINTS = {
+    errno.EPERM: " (mounting needs privilege in the mount namespace; -r gives it without root)",
+    errno.ENOENT: " (a destination inside another of the cell's mounts must exist there)",
+    errno.EOVERFLOW: " (the cell's uid is not mapped in its user namespace; add -r)",
+}
+
+
 def _step(step: str, fn, *args) -> None:
-    try:
-        fn(*args)
-    except OSError as e:
-        err = e.errno or errno.EIO
-        hint = {
-            errno.EPERM: " (mounting needs privilege in the mount namespace; -r gives it without root)",
-            errno.ENOENT: " (a destination inside another of the cell's mounts must exist there)",
-            errno.EOVERFLOW: " (the cell's uid is not mapped in its user namespace; add -r)",
-        }.get(err, "")
-        raise StepFailed(step, err, f"{os.strerror(err)}{hint}") from None
+    """One mount step; :meth:`Mounts.explain` lists them from the kernel, so they are not recorded."""
+    do(step, fn, *args, hints=_HINTS, explained=False)
 
 
 def _bind_mount(m: _Mount) -> None:
@@ -349,10 +349,11 @@ def _mount_proc(target: str) -> None:
     user namespace that does not also own the PID namespace (rootless without -p); the /proc the
     child sees is bound instead, as rootless podman does for a container sharing the host's PIDs."""
     try:
-        syscalls.mount("proc", target, "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
-    except OSError as e:
+        do(f"mount -t proc proc {target}", syscalls.mount, "proc", target, "proc",
+           syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC, hints={}, explained=False)
+    except StepFailed as e:
         if e.errno not in (errno.EPERM, errno.EACCES):
-            raise StepFailed(f"mount -t proc proc {target}", e.errno, os.strerror(e.errno)) from None
+            raise
         _step(f"mount --rbind /proc {target}", syscalls.mount, "/proc", target, None, MS_BIND | syscalls.MS_REC)
 
 

@@ -32,9 +32,9 @@ import socket
 import struct
 import threading
 
-from ..errors import OptionError, PrivilegeError, SetupError, StepFailed
+from ..errors import OptionError, PrivilegeError, SetupError
 from ..spec import Namespaces
-from ..steps import record
+from ..steps import do
 from ..syscalls import CloneFlag, has_capability, setns
 from .base import Part
 
@@ -224,17 +224,14 @@ def _kernel_error(what: str, e) -> Exception:
 
 def _bring_up(ifname: str) -> None:
     """IFF_UP on *ifname*: what ``ip link set lo up`` does, without netlink or an exec."""
-    try:
+    def up():
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             ifreq = struct.pack("16sH22x", ifname.encode(), 0)
             flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
             fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", ifname.encode(), flags | IFF_UP))
-        record(f"ioctl(SIOCSIFFLAGS, {ifname}, IFF_UP)")
-    except OSError as e:
-        err = e.errno or errno.EIO
-        raise StepFailed(f"ioctl(SIOCSIFFLAGS, {ifname} up)", err,
-                         f"{os.strerror(err)} (bringing {ifname} up needs CAP_NET_ADMIN in the "
-                         "network namespace; -r gives it rootless)") from None
+
+    do(f"ioctl(SIOCSIFFLAGS, {ifname}, IFF_UP)", up,
+       hints=f" (bringing {ifname} up needs CAP_NET_ADMIN in the network namespace; -r gives it rootless)")
 
 
 # -- addresses ----------------------------------------------------------------------------------
