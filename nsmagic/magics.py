@@ -19,6 +19,7 @@ from traitlets import Float, Unicode
 from . import info, runner
 from .cell import cell_job
 from .errors import OptionError
+from .kinds import JOINABLE
 from .spec import Namespaces
 
 
@@ -195,7 +196,7 @@ class InNamespaceMagics(Magics):
                 map_root_user=args.map_root_user, mount_proc=args.mount_proc,
                 hostname=args.hostname, monotonic=args.monotonic, boottime=args.boottime,
                 lo=args.lo, veth=args.veth, join={
-                    kind: getattr(args, f"join_{kind}") for kind in ("net", "uts", "ipc", "mnt", "pid", "user")
+                    kind: getattr(args, f"join_{kind}") for kind in JOINABLE
                     if getattr(args, f"join_{kind}") is not None
                 },
                 memory=args.memory, pids=args.pids, cpus=args.cpus,

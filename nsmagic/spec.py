@@ -8,22 +8,12 @@ clock offset a time namespace.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from .errors import OptionError
-from .syscalls import CloneFlag
+from .kinds import BY_PROC, JOINABLE, KINDS, CloneFlag
 
-_FLAG_OF = {
-    "mount": CloneFlag.NEWNS,
-    "uts": CloneFlag.NEWUTS,
-    "ipc": CloneFlag.NEWIPC,
-    "net": CloneFlag.NEWNET,
-    "pid": CloneFlag.NEWPID,
-    "user": CloneFlag.NEWUSER,
-    "cgroup": CloneFlag.NEWCGROUP,
-    "time": CloneFlag.NEWTIME,
-}
-_BIT_OF = {name: int(flag) for name, flag in _FLAG_OF.items()}
+_BIT_OF = {k.field: int(k.flag) for k in KINDS}
 
 
 @dataclass
@@ -98,14 +88,13 @@ class Namespaces:
         self._check_joins()
 
     def _check_joins(self) -> None:
-        kinds = {"net": "net", "uts": "uts", "ipc": "ipc", "mnt": "mount", "pid": "pid", "user": "user"}
         for kind in self.join:
-            if kind not in kinds:
-                raise OptionError(f"cannot join a {kind!r} namespace; joinable: {', '.join(kinds)}")
+            if kind not in JOINABLE:
+                raise OptionError(f"cannot join a {kind!r} namespace; joinable: {', '.join(JOINABLE)}")
             if kind == "net" and (self.lo or self.veth is not None):
                 raise OptionError("--lo and --veth set up a fresh network namespace, so they cannot go "
                                   "with --join-net; configure the joined namespace from inside the cell")
-            if getattr(self, kinds[kind]):
+            if getattr(self, BY_PROC[kind].field):
                 raise OptionError(
                     f"--join-{kind} and a fresh {kind} namespace in one cell: a process is in one "
                     f"{kind} namespace at a time; drop one of them"
@@ -114,7 +103,7 @@ class Namespaces:
     @classmethod
     def from_flags(cls, flags: CloneFlag, **kw) -> "Namespaces":
         """Build a request from ``CLONE_NEW*`` flags, for callers who think in clone(2)'s terms."""
-        return cls(**{name: bool(flags & flag) for name, flag in _FLAG_OF.items()}, **kw)
+        return cls(**{k.field: bool(flags & k.flag) for k in KINDS}, **kw)
 
     @property
     def flags(self) -> CloneFlag:
@@ -132,9 +121,7 @@ class Namespaces:
 
     def describe(self) -> str:
         """A short unshare(1)-style spelling, for messages."""
-        letters = {"mount": "-m", "uts": "-u", "ipc": "-i", "net": "-n", "pid": "-p",
-                   "user": "-U", "cgroup": "-C", "time": "-T"}
-        parts = [letters[f.name] for f in fields(self) if f.name in letters and getattr(self, f.name)]
+        parts = [k.letter for k in KINDS if getattr(self, k.field)]
         if self.map_root_user:
             parts.append("-r")
         if self.mount_proc:

@@ -401,3 +401,27 @@ def test_the_childs_sweep_waits_no_longer_than_its_patience():
         assert float(took) < 1
         assert state != "Z", "the sweep waited for the leftover's end"
         assert wait_gone([heap]) == [], "the leftover was not killed"
+
+
+def test_one_table_names_every_namespace_kind_once():
+    from nsmagic import kinds
+    assert {k.flag for k in kinds.KINDS} == set(CloneFlag)
+    assert [k.proc for k in kinds.KINDS] == ["mnt", "uts", "ipc", "net", "pid", "user", "cgroup", "time"]
+    assert kinds.JOINABLE == ("mnt", "uts", "ipc", "net", "pid", "user")
+    import os
+    for k in kinds.KINDS:  # each /proc name is the kernel's own
+        assert os.path.exists(f"/proc/self/ns/{k.proc}") or k.proc == "time"
+        assert Namespaces(**{k.field: True}).flags == k.flag
+        assert Namespaces.from_flags(k.flag).describe() == k.letter
+
+
+def test_mountinfo_lines_are_parsed_with_optional_fields_and_escapes():
+    from nsmagic.mountinfo import parse, read
+    text = ("36 35 98:0 /mnt1 /mnt\\040two\\134x rw,noatime master:1 shared:2 - ext3 /dev/root rw,errors=continue\n"
+            "37 36 0:5 / /tmp\\011tab rw - tmpfs tmp\\040fs rw\n"
+            "not a mount line\n")
+    a, b = parse(text)
+    assert (a.id, a.parent, a.root, a.point, a.options) == ("36", "35", "/mnt1", "/mnt two\\x", "rw,noatime")
+    assert (a.fstype, a.source, a.super_options) == ("ext3", "/dev/root", "rw,errors=continue")
+    assert (b.point, b.source) == ("/tmp\ttab", "tmp fs")
+    assert any(m.point == "/" for m in read())

@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import OptionError, PrivilegeError, SetupError
+from ..mountinfo import parse as parse_mountinfo
 from ..steps import do
 from .base import Part
 
@@ -118,12 +119,9 @@ def hierarchies(proc_cgroup: str, mountinfo: str) -> list[Hierarchy]:
     A v2 hierarchy's controllers are those of its top (``cgroup.controllers``), read from disk.
     """
     mounts = []
-    for line in mountinfo.splitlines():
-        left, _, right = line.partition(" - ")
-        mine, theirs = left.split(), right.split()
-        if len(mine) >= 5 and len(theirs) >= 3 and theirs[0] in ("cgroup", "cgroup2"):
-            mounts.append((theirs[0] == "cgroup2", _unescape(mine[3]), _unescape(mine[4]),
-                           set(theirs[2].split(","))))
+    for m in parse_mountinfo(mountinfo):
+        if m.fstype in ("cgroup", "cgroup2"):
+            mounts.append((m.fstype == "cgroup2", m.root, m.point, set(m.super_options.split(","))))
     found = []
     for line in proc_cgroup.splitlines():
         number, names, path = line.split(":", 2)
@@ -324,10 +322,6 @@ def _options(controllers) -> str:
 
 def _names_of(controllers) -> str:
     return ", ".join(sorted(controllers))
-
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), text)
 
 
 def _below(path: str, root: str) -> str | None:

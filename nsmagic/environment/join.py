@@ -20,25 +20,18 @@ import fcntl
 import os
 
 from ..errors import OptionError, PrivilegeError, StepFailed
+from ..kinds import BY_FLAG, BY_PROC, JOINABLE
 from ..spec import Namespaces
 from ..steps import do
-from ..syscalls import CloneFlag, setns
+from ..syscalls import setns
 from .base import Part
 
 #: ioctl(2) on a namespace file: its CLONE_NEW* type (Linux 4.11).
 NS_GET_NSTYPE = 0xB703
 
-#: Kinds in the order they are entered, and their flags.
-_FLAGS = {
-    "user": CloneFlag.NEWUSER,
-    "ipc": CloneFlag.NEWIPC,
-    "uts": CloneFlag.NEWUTS,
-    "net": CloneFlag.NEWNET,
-    "pid": CloneFlag.NEWPID,
-    "mnt": CloneFlag.NEWNS,
-}
-_KIND_OF = {flag: kind for kind, flag in _FLAGS.items()}
-_KIND_OF.update({CloneFlag.NEWCGROUP: "cgroup", CloneFlag.NEWTIME: "time"})
+#: Kinds in the order they are entered (nsenter's), and their flags.
+_FLAGS = {kind: BY_PROC[kind].flag for kind in ("user", "ipc", "uts", "net", "pid", "mnt")}
+assert set(_FLAGS) == set(JOINABLE)
 
 
 class JoinNamespaces(Part):
@@ -128,7 +121,7 @@ def _check_kind(kind: str, target: str, path: str, fd: int) -> None:
         raise OptionError(f"--join-{kind} {target}: {path} is not a namespace file "
                           f"(such as /proc/PID/ns/{kind})") from None
     if nstype != _FLAGS[kind]:
-        other = _KIND_OF.get(nstype, hex(nstype))
+        other = BY_FLAG[nstype].proc if nstype in BY_FLAG else hex(nstype)
         hint = f"; use --join-{other}" if other in _FLAGS else ""
         raise OptionError(f"--join-{kind} {target}: {path} is a {other} namespace, not a {kind} one{hint}")
 

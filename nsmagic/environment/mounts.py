@@ -31,7 +31,7 @@ import stat
 import sys
 from dataclasses import dataclass
 
-from .. import syscalls
+from .. import mountinfo, syscalls
 from ..errors import OptionError, StepFailed
 from ..spec import Namespaces
 from ..steps import do
@@ -328,20 +328,8 @@ def _kept_flags(path: str) -> int:
 
 
 def _mounts() -> dict[str, str]:
-    """Mount id -> mount point, from ``/proc/self/mountinfo``."""
-    out = {}
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split(b" ")
-            out[fields[0].decode()] = _unescape(os.fsdecode(fields[4]))
-    return out
-
-
-def _unescape(path: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    for code in ("040", "011", "012", "134"):
-        path = path.replace("\\" + code, chr(int(code, 8)))
-    return path
+    """Mount id -> mount point, as this process sees them."""
+    return {m.id: m.point for m in mountinfo.read()}
 
 
 def _mount_proc(target: str) -> None:
