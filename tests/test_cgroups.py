@@ -5,12 +5,15 @@ Every cell that could hurt the machine (a memory hog, a fork loop) first checks 
 cgroup directories its kernel made, before and after.
 """
 
+import ctypes
 import os
+import socket
+import struct
 import time
 
 import pytest
 
-from nsmagic import OptionError, PrivilegeError, SetupError
+from nsmagic import Namespaces, OptionError, PrivilegeError, SetupError, run
 from nsmagic.environment.cgroups import Hierarchy, choose, hierarchies, human_size, parse_memory, v2_parent
 
 ROOT = "/sys/fs/cgroup"
@@ -290,3 +293,53 @@ def test_pure_v2_container_top_with_processes_is_refused(tmp_path):
     h = Hierarchy(True, frozenset({"memory", "pids"}), str(tmp_path), str(tmp_path))
     with pytest.raises(PrivilegeError, match="top of the cgroup v2 tree.*has processes"):
         v2_parent(h, {"memory"})
+
+
+class DirectoryWatch:
+    """inotify on directories: the names of the entries created in them since the watch began,
+    even if removed again (a check that only looked afterwards would miss a made-then-removed one)."""
+    IN_CREATE, IN_NONBLOCK, IN_CLOEXEC = 0x100, os.O_NONBLOCK, os.O_CLOEXEC
+
+    def __init__(self, directories):
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(self.IN_NONBLOCK | self.IN_CLOEXEC)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        for d in directories:
+            assert libc.inotify_add_watch(self.fd, os.fsencode(d), self.IN_CREATE) >= 0, d
+
+    def created(self) -> list[str]:
+        names, data = [], b""
+        while True:
+            try:
+                data += os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+        while data:
+            _, _, _, length = struct.unpack_from("iIII", data)
+            names.append(data[16:16 + length].rstrip(b"\0").decode())
+            data = data[16 + length:]
+        return names
+
+    def close(self):
+        os.close(self.fd)
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"veth": "300.1.1.1/30"}, "--veth"),
+    ({"bind": ["/nonexistent-nsmagic-source:/mnt"]}, "--bind"),
+])
+def test_a_bad_value_leaves_no_cgroup_made_even_for_a_moment(bad, words):
+    """--memory is valid and its part comes first; the later part's bad value is found by its
+    check(), before any part's prepare() makes a cgroup directory or a link."""
+    mine = hierarchies(open("/proc/self/cgroup").read(), open("/proc/self/mountinfo").read())
+    [memory] = [h for h in mine if "memory" in h.controllers]
+    watch = DirectoryWatch({memory.own, os.path.dirname(memory.own)})
+    links = socket.if_nameindex()
+    try:
+        with pytest.raises(OptionError, match=words):
+            run(os.getpid, namespaces=Namespaces(memory="64M", **bad))
+        made = [n for n in watch.created() if n.startswith("nsmagic-")]
+    finally:
+        watch.close()
+    assert made == []
+    assert socket.if_nameindex() == links

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from nsmagic import Namespaces, OptionError, run
+from nsmagic.environment import prepare_all
 from nsmagic.environment.mounts import Mounts
 
 BUSYBOX = "/bin/busybox"
@@ -324,7 +325,7 @@ def test_a_destination_hidden_by_another_mount_fails_naming_the_step(kernel, tmp
 def test_mounts_are_made_parents_first_and_explained(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     part = Mounts(Namespaces(bind=[f"{tmp_path}:{tmp_path}/a/b"], tmpfs=[f"{tmp_path}/a"]))
-    part.prepare()
+    prepare_all([part])
     assert [m.target for m in part.mounts] == [f"{tmp_path}/a", f"{tmp_path}/a/b"]
     assert part.explain() == [f"mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs {tmp_path}/a",
                               f"mount --rbind {tmp_path} {tmp_path}/a/b"]

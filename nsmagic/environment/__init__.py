@@ -9,8 +9,10 @@ same life, driven by :mod:`nsmagic.runner` and :mod:`nsmagic.child`:
 ==================  =============  ==========================================================
 hook                runs in        for
 ==================  =============  ==========================================================
-``prepare()``       kernel         check values, make host resources; before fork, so a bad
-                                   value never starts a child
+``check()``         kernel         check values, changing nothing; every part's check runs
+                                   before any part's prepare, so a bad value makes nothing
+``prepare()``       kernel         make host resources; before fork, so a failure never starts
+                                   a child
 ``before_unshare``  child          setns() into joined namespaces, join a cgroup: before new
                                    namespaces are made
 ``host(pid)``       kernel         while the child waits, its namespaces made and no cell code
@@ -24,7 +26,7 @@ hook                runs in        for
 ``annotate()``      kernel         a note for the cell's exception, if this part caused it
 ==================  =============  ==========================================================
 
-A hook that fails raises :class:`~nsmagic.errors.OptionError` (``prepare``, for bad values),
+A hook that fails raises :class:`~nsmagic.errors.OptionError` (``check``, for bad values),
 :class:`~nsmagic.errors.PrivilegeError` or :class:`~nsmagic.errors.SetupError` in the kernel,
 and :class:`~nsmagic.errors.StepFailed` in the child.
 """
@@ -58,7 +60,10 @@ def build(spec: Namespaces) -> list[Part]:
 
 
 def prepare_all(parts: list[Part]) -> None:
-    """Prepare each part; if one fails, clean up those already prepared and re-raise."""
+    """Check every part's values, then prepare each part; if one fails, clean up those already
+    prepared and re-raise."""
+    for part in parts:
+        part.check()
     done: list[Part] = []
     try:
         for part in parts:

@@ -9,6 +9,11 @@ class Part:
     #: Whether :meth:`host` must run; the child then waits for the kernel before the cell runs.
     needs_host = False
 
+    def check(self) -> None:
+        """Check the part's values and raise OptionError (or PrivilegeError) for a bad one. It
+        reads what it must (a path's type, the kernel's capabilities) and changes nothing: every
+        part's check runs before any part's prepare, so a bad value never leaves a thing made."""
+
     def prepare(self) -> None:
         pass
 

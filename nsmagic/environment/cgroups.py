@@ -194,6 +194,7 @@ class CgroupLimits(Part):
         self.memory: int | None = None
         self.pids: int | None = None
         self.cpus: float | None = None
+        self.needed: list[str] = []
         self.groups: list[_Group] = []
         self._seen: dict[str, int] = {}
         # cleanup() may run in the reaper thread while annotate() reads the counters.
@@ -201,19 +202,21 @@ class CgroupLimits(Part):
 
     # -- kernel, before the fork
 
-    def prepare(self) -> None:
-        needed = []
+    def check(self) -> None:
+        self.needed = []
         if self.spec.memory is not None:
             self.memory = parse_memory(self.spec.memory)
-            needed.append("memory")
+            self.needed.append("memory")
         if self.spec.pids is not None:
             self.pids = check_pids(self.spec.pids)
-            needed.append("pids")
+            self.needed.append("pids")
         if self.spec.cpus is not None:
             self.cpus = check_cpus(self.spec.cpus)
-            needed.append("cpu")
+            self.needed.append("cpu")
+
+    def prepare(self) -> None:
         found = hierarchies(_read("/proc/self/cgroup"), _read("/proc/self/mountinfo"))
-        for h, controllers in choose(needed, found).items():
+        for h, controllers in choose(self.needed, found).items():
             parent = v2_parent(h, controllers) if h.v2 else h.own
             _check_writable(parent, h.v2, controllers)
             _remove_stale(parent)

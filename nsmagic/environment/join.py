@@ -40,11 +40,15 @@ class JoinNamespaces(Part):
         self.paths: dict[str, str] = {}
         self.fds: dict[str, int] = {}
 
+    def check(self) -> None:
+        self.paths = {kind: _resolve(kind, target) for kind, target in self.targets.items()}
+
     def prepare(self) -> None:
-        for kind, target in self.targets.items():
-            path = _resolve(kind, target)
+        """Open the targets (a missing or wrong one fails here, before the fork): nothing is made
+        on the host, and :meth:`cleanup` closes them."""
+        for kind, path in self.paths.items():
+            target = self.targets[kind]
             self.fds[kind] = _open(kind, target, path)
-            self.paths[kind] = path
             _check_kind(kind, target, path, self.fds[kind])
         if "user" in self.fds and _same(self.fds["user"], "/proc/self/ns/user"):
             os.close(self.fds.pop("user"))  # setns(2) refuses our own user namespace (EINVAL)

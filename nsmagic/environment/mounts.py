@@ -86,18 +86,21 @@ class Mounts(Part):
 
     # -- the kernel's side ------------------------------------------------------------------
 
-    def prepare(self) -> None:
+    def check(self) -> None:
         if self.spec.rootfs is not None:
             self.root, self.proc, self.dev = _check_rootfs(self.spec.rootfs)
             self.pivot_nr = _pivot_root_number()
             self.devices = [name for name in _DEVICES if os.path.exists(f"/dev/{name}")]
-            _preload()
         for directory in _listed("--tmpfs", self.spec.tmpfs):
             self.mounts.append(self._tmpfs(directory))
         for option, values in (("--bind", self.spec.bind), ("--ro-bind", self.spec.ro_bind)):
             for value in _listed(option, values):
                 self.mounts.append(self._bind(option, value))
         self.mounts.sort(key=lambda m: m.target.rstrip("/").count("/"))
+
+    def prepare(self) -> None:
+        if self.root is not None:
+            _preload()
 
     def _tmpfs(self, directory) -> _Mount:
         option = f"--tmpfs {directory}"

@@ -84,10 +84,11 @@ class Network(Part):
         self.host_ip: ipaddress.IPv4Interface | None = None
         self.child_ip: ipaddress.IPv4Interface | None = None
         self.host_ifname: str | None = None
+        self.wanted: tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface] | None = None
 
     # -- kernel, before fork ----------------------------------------------------------------
 
-    def prepare(self) -> None:
+    def check(self) -> None:
         if self.veth is None:
             return
         if not has_capability(CAP_NET_ADMIN):
@@ -97,9 +98,13 @@ class Network(Part):
                 "-r --lo gives the cell a network namespace with a working loopback (but no link "
                 "to the host)"
             )
-        wanted = _parse(self.veth) if self.veth else None
+        self.wanted = _parse(self.veth) if self.veth else None
+
+    def prepare(self) -> None:
+        if self.veth is None:
+            return
         _pyroute2()
-        self.host_ip, self.child_ip = self._netlink(lambda ipr: _choose(ipr, wanted, self.veth))
+        self.host_ip, self.child_ip = self._netlink(lambda ipr: _choose(ipr, self.wanted, self.veth))
 
     # -- kernel, while the child waits --------------------------------------------------------
 
