@@ -34,7 +34,7 @@ import warnings
 
 from . import child as child_module
 from .errors import PrivilegeError
-from .history import stop_saving_threads
+from .shell import stop_saving_threads
 from .syscalls import CloneFlag, advice, open_readonly, setns, unshare
 
 
@@ -52,7 +52,7 @@ def spawn(plan: "child_module.Plan", log: list | None = None, started=None) -> i
     wrong, so that the caller can always stop it. With a *log*, the kernel's own system calls
     are noted there for ``--explain``."""
     note = log.append if log is not None else (lambda entry: None)
-    stop_saving_threads()  # while an interrupt can still stop the wait (see nsmagic.history)
+    stop_saving_threads()  # while an interrupt can still stop the wait (see nsmagic.shell)
     with _interrupt_deferred():
         return _spawn(plan, note, log, started)
 
@@ -132,7 +132,7 @@ class _interrupt_deferred:
 
 def fork() -> int:
     """``os.fork()`` for the kernel's own short-lived probes (``%nsinfo``), with IPython's
-    history thread first stopped safely (see nsmagic.history) and without 3.12's warning."""
+    history thread first stopped safely (see nsmagic.shell) and without 3.12's warning."""
     stop_saving_threads()
     return _fork()
 

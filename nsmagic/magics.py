@@ -17,7 +17,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Float, Unicode
 
 from . import info, runner
-from .cell import cell_job
+from .shell import cell_job
 from .errors import OptionError
 from .kinds import JOINABLE
 from .spec import Namespaces

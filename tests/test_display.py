@@ -44,7 +44,7 @@ def test_every_cell_displays_through_one_publisher_that_the_kernel_never_wires(k
                               f"display(HTML('<i>{i}</i>'))").ok()
         assert [(k, d["text/html"]) for k, d, *_ in shown(cell)] == [("display_data", f"<i>{i}</i>")]
     # built once, in the kernel; only the children plug their channel into it
-    assert kernel.value("[p.channel for p in __import__('nsmagic.cell').cell._publishers.values()]") == [None]
+    assert kernel.value("[p.channel for p in __import__('nsmagic.shell').shell._publishers.values()]") == [None]
     assert kernel.value("type(get_ipython().display_pub).__name__") != "ChildDisplayPublisher"
 
 

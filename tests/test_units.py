@@ -242,7 +242,7 @@ def test_a_history_thread_that_misses_its_stop_is_still_stopped_before_a_fork(tm
     from IPython.core.history import HistoryManager
     from IPython.testing.globalipapp import get_ipython
 
-    from nsmagic.history import stop_saving_threads
+    from nsmagic.shell import stop_saving_threads
 
     manager = HistoryManager(shell=get_ipython(), hist_file=tmp_path / "history.sqlite")
     thread = manager.save_thread
@@ -425,3 +425,17 @@ def test_mountinfo_lines_are_parsed_with_optional_fields_and_escapes():
     assert (a.fstype, a.source, a.super_options) == ("ext3", "/dev/root", "rw,errors=continue")
     assert (b.point, b.source) == ("/tmp\ttab", "tmp fs")
     assert any(m.point == "/" for m in read())
+
+
+def test_the_library_never_imports_ipython():
+    """run, run_code, execute and everything under them work without IPython: only
+    nsmagic.shell and nsmagic.magics touch it, and shell only once a shell hands it a cell."""
+    import subprocess
+    import sys
+    script = ("import sys, nsmagic, nsmagic.runner, nsmagic.clone, nsmagic.child, nsmagic.environment, "
+              "nsmagic.shell, nsmagic.info\n"
+              "from nsmagic import run, run_code, execute\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('IPython', 'ipykernel', 'traitlets')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

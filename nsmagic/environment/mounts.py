@@ -28,11 +28,11 @@ import ctypes
 import errno
 import os
 import stat
-import sys
 from dataclasses import dataclass
 
 from .. import mountinfo, syscalls
 from ..errors import OptionError, StepFailed
+from ..shell import fit_shell, preload
 from ..spec import Namespaces
 from ..steps import do
 from .base import Part
@@ -100,7 +100,7 @@ class Mounts(Part):
 
     def prepare(self) -> None:
         if self.root is not None:
-            _preload()
+            preload()
 
     def _tmpfs(self, directory) -> _Mount:
         option = f"--tmpfs {directory}"
@@ -178,7 +178,7 @@ class Mounts(Part):
                 _bind_mount(m)
         if root is not None:
             _pivot(root, self.pivot_nr)
-            _fit_shell()
+            fit_shell()
 
 
 # -- checks, in the kernel -----------------------------------------------------------------
@@ -261,39 +261,6 @@ def _pivot_root_number() -> int:
                           f"{machine} for a {bits}-bit process, and will not guess it; "
                           "--rootfs cannot be used on this machine")
     return known[1]
-
-
-_preloaded = False
-
-
-def _preload() -> None:
-    """Import in the kernel, once, what a notebook cell may need only after pivot_root, when
-    no module can be imported any more that was not imported before.
-
-    IPython loads some of its machinery on first use: the modules that colour a traceback
-    (pygments' style and lexer; a cell that raised would die in the formatting instead of
-    failing with its own exception) and, since IPython 9, pexpect, which runs ``!cmd``."""
-    global _preloaded
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    if _preloaded or shell is None:
-        return
-    try:
-        import pexpect  # noqa: F401
-    except ImportError:  # not installed: nothing to load
-        pass
-    formatter = shell.InteractiveTB
-    kept = formatter.__dict__.get("tb", _preload)  # %debug debugs the last one it formatted
-    try:
-        raise RuntimeError("nsmagic warms up IPython's traceback formatting")
-    except RuntimeError as e:
-        formatter.structured_traceback(type(e), e, e.__traceback__, tb_offset=0)
-    finally:
-        if kept is _preload:
-            formatter.__dict__.pop("tb", None)
-        else:
-            formatter.tb = kept
-    _preloaded = True
 
 
 # -- mounting, in the child ----------------------------------------------------------------
@@ -383,17 +350,3 @@ def _pivot(root: str, number: int) -> None:
         os.chdir("/")
 
     _step(f"pivot_root into {root} (cd {root}; pivot_root . .; umount -l .)", pivot)
-
-
-def _fit_shell() -> None:
-    """Make ``!cmd`` use the root filesystem's shell: IPython runs commands with ``$SHELL`` and
-    caches its host path after the first use, both of which may not exist here."""
-    shell = os.environ.get("SHELL")
-    if shell and not os.access(shell, os.X_OK):
-        if os.access("/bin/sh", os.X_OK):
-            os.environ["SHELL"] = "/bin/sh"
-        else:
-            del os.environ["SHELL"]
-    handler = getattr(getattr(sys.modules.get("IPython.utils._process_posix"), "system", None), "__self__", None)
-    if handler is not None and hasattr(handler, "_sh"):
-        handler._sh = None
