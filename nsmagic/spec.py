@@ -66,6 +66,7 @@ class Namespaces:
     rootfs: str | None = None
 
     def __post_init__(self) -> None:
+        asked = self._asked_for()
         if self.map_root_user:
             self.user = True
         if self.mount_proc:
@@ -85,20 +86,40 @@ class Namespaces:
             self.net = True
         if self.tmpfs or self.bind or self.ro_bind or self.rootfs is not None:
             self.mount = True
-        self._check_joins()
+        self._check_joins(asked)
 
-    def _check_joins(self) -> None:
+    def _asked_for(self) -> dict[str, list[str]]:
+        """For each kind, the options that ask for a fresh namespace of it, as the user may have
+        typed them (``-n/--net``, ``--lo``): what a message about a conflict must name."""
+        asked = {k.field: [k.options] if getattr(self, k.field) else [] for k in KINDS}
+        implied = (("user", "-r/--map-root-user", self.map_root_user),
+                   ("mount", "--mount-proc", self.mount_proc),
+                   ("uts", "--hostname", self.hostname is not None),
+                   ("time", "--monotonic", bool(self.monotonic)), ("time", "--boottime", bool(self.boottime)),
+                   ("net", "--lo", self.lo), ("net", "--veth", self.veth is not None),
+                   ("mount", "--tmpfs", bool(self.tmpfs)), ("mount", "--bind", bool(self.bind)),
+                   ("mount", "--ro-bind", bool(self.ro_bind)), ("mount", "--rootfs", self.rootfs is not None))
+        for field_name, option, given in implied:
+            if given:
+                asked[field_name].append(option)
+        return asked
+
+    def _check_joins(self, asked: dict[str, list[str]]) -> None:
         for kind in self.join:
             if kind not in JOINABLE:
                 raise OptionError(f"cannot join a {kind!r} namespace; joinable: {', '.join(JOINABLE)}")
-            if kind == "net" and (self.lo or self.veth is not None):
-                raise OptionError("--lo and --veth set up a fresh network namespace, so they cannot go "
-                                  "with --join-net; configure the joined namespace from inside the cell")
-            if getattr(self, BY_PROC[kind].field):
-                raise OptionError(
-                    f"--join-{kind} and a fresh {kind} namespace in one cell: a process is in one "
-                    f"{kind} namespace at a time; drop one of them"
-                )
+            options = asked[BY_PROC[kind].field]
+            if not options:
+                continue
+            named = ", ".join(options)
+            makes = "makes" if len(options) == 1 else "make"
+            inside = ("; to configure the joined namespace, do it from inside the cell"
+                      if set(options) & {"--lo", "--veth", "--hostname", "--mount-proc", "--tmpfs", "--bind",
+                                         "--ro-bind"} else "")
+            raise OptionError(
+                f"{named} and --join-{kind} in one cell: {named} {makes} a fresh {BY_PROC[kind].words} "
+                f"namespace, and a process is in one {kind} namespace at a time; drop one of them{inside}"
+            )
 
     @classmethod
     def from_flags(cls, flags: CloneFlag, **kw) -> "Namespaces":

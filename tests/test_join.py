@@ -186,7 +186,8 @@ def _missing_pid() -> int:
     ("--join-net /etc/hostname", "/etc/hostname is not a namespace file"),
     ("--join-mnt /nonexistent/nsmtest", "/nonexistent/nsmtest does not exist"),
     ("--join-ipc foo", "give a path (/proc/PID/ns/ipc) or a PID"),
-    ("--join-net 1 --net", "--join-net and a fresh net namespace"),
+    ("--join-net 1 --net", "-n/--net and --join-net in one cell"),
+    ("--join-uts 1 --hostname box", "--hostname and --join-uts in one cell"),
 ])
 def test_bad_targets_are_usage_errors_naming_the_option(kernel, options, words):
     option = options.split()[0]

@@ -313,6 +313,27 @@ def test_bad_values_are_usage_errors_before_the_child_starts(kernel, rootfs, tmp
     assert "body ran" not in cell.stdout
 
 
+def test_bind_root_on_root_without_rootfs_is_the_hosts_root_read_write(kernel, tmp_path, mounts_unchanged):
+    """bubblewrap's --bind / / with no --rootfs: accepted, the cell's / is the host's with its
+    mounts (nothing is mounted over it), writable, in a mount namespace of its own."""
+    (tmp_path / "t").mkdir()
+    cell = kernel.execute(f"%%innamespace --bind /:/ --tmpfs {tmp_path}/t\n"
+                          f"import os\nassert os.getpid() != {kernel.pid}\n"
+                          f"open('{tmp_path}/from-the-cell', 'w').write('x')\n"
+                          "print(os.stat('/proc/self/ns/mnt').st_ino != "
+                          f"os.stat('/proc/{kernel.pid}/ns/mnt').st_ino, sorted(os.listdir('/')) == {sorted(os.listdir('/'))!r})")
+    assert cell.ok().stdout == "True True\n"
+    assert (tmp_path / "from-the-cell").read_text() == "x"
+
+
+def test_bind_root_on_root_mounts_nothing(tmp_path):
+    part = Mounts(Namespaces(bind=["/:/", f"{tmp_path}:{tmp_path}"]))
+    prepare_all([part])
+    assert [m.target for m in part.mounts] == [str(tmp_path)]
+    with pytest.raises(OptionError, match="cannot mount over /"):  # --ro-bind / / still cannot be honoured
+        prepare_all([Mounts(Namespaces(ro_bind=["/:/"]))])
+
+
 def test_a_destination_hidden_by_another_mount_fails_naming_the_step(kernel, tmp_path, mounts_unchanged):
     """/a/b exists on the host, but the tmpfs on /a (mounted first, being the parent) hides it."""
     (tmp_path / "a" / "b").mkdir(parents=True)

@@ -439,3 +439,24 @@ def test_the_library_never_imports_ipython():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("asked, kind, named", [
+    ({"net": True}, "net", "-n/--net and --join-net in one cell: -n/--net makes a fresh network namespace"),
+    ({"hostname": "box"}, "uts", "--hostname and --join-uts in one cell: --hostname makes a fresh UTS"),
+    ({"lo": True}, "net", "--lo and --join-net in one cell"),
+    ({"lo": True, "veth": ""}, "net", "--lo, --veth and --join-net in one cell: --lo, --veth make"),
+    ({"mount_proc": True, "pid": True}, "mnt", "--mount-proc and --join-mnt in one cell"),
+    ({"bind": ["/a:/b"]}, "mnt", "--bind and --join-mnt in one cell"),
+    ({"mount": True, "tmpfs": ["/t"]}, "mnt", "-m/--mount, --tmpfs and --join-mnt"),
+    ({"map_root_user": True}, "user", "-r/--map-root-user and --join-user in one cell"),
+    ({"boottime": 5}, "user", None),
+])
+def test_a_fresh_namespace_and_a_joined_one_are_refused_naming_the_options_typed(asked, kind, named):
+    if named is None:
+        Namespaces(join={kind: "1"}, **asked)  # no conflict: --boottime asks for a time namespace
+        return
+    with pytest.raises(OptionError) as e:
+        Namespaces(join={kind: "1"}, **asked)
+    assert str(e.value).startswith(named), str(e.value)
+    assert "drop one of them" in str(e.value)

@@ -95,7 +95,8 @@ class Mounts(Part):
             self.mounts.append(self._tmpfs(directory))
         for option, values in (("--bind", self.spec.bind), ("--ro-bind", self.spec.ro_bind)):
             for value in _listed(option, values):
-                self.mounts.append(self._bind(option, value))
+                if not (option == "--bind" and self._binds_root_on_itself(value)):
+                    self.mounts.append(self._bind(option, value))
         self.mounts.sort(key=lambda m: m.target.rstrip("/").count("/"))
 
     def prepare(self) -> None:
@@ -110,6 +111,14 @@ class Mounts(Part):
         if not stat.S_ISDIR(_stat(option, target, f"the destination {shown}", self.root).st_mode):
             raise OptionError(f"{option}: {shown} is not a directory; a tmpfs is mounted on a directory")
         return _Mount("tmpfs", None, target, shown)
+
+    def _binds_root_on_itself(self, value) -> bool:
+        """``--bind /:/`` with no ``--rootfs`` (bubblewrap's ``--bind / /``): the cell's root
+        already is the host's, with every mount under it, which is what a recursive bind of /
+        would give; so it is accepted and nothing is mounted. (A mount over / would not even be
+        seen: a process's root stays the mount it had, under anything stacked on it.)"""
+        return (self.spec.rootfs is None and isinstance(value, str) and value.count(":") == 1
+                and all(part and os.path.realpath(part) == "/" for part in value.split(":")))
 
     def _bind(self, flag: str, value) -> _Mount:
         if not isinstance(value, str) or value.count(":") != 1 or value.startswith(":") or value.endswith(":"):
