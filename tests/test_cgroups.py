@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from helpers import wait_until
+
 from nsmagic import Namespaces, OptionError, PrivilegeError, SetupError, run
 from nsmagic.environment.cgroups import Hierarchy, choose, hierarchies, human_size, parse_memory, v2_parent
 
@@ -29,10 +31,8 @@ def cgroups_of(pid: int) -> list[str]:
 
 def settled(pid: int, before: list[str], seconds: float = 5.0) -> list[str]:
     """The kernel's cgroups once the background clean-up of a finished cell is done."""
-    end = time.monotonic() + seconds
-    while (now := cgroups_of(pid)) != before and time.monotonic() < end:
-        time.sleep(0.05)
-    return now
+    wait_until(lambda: cgroups_of(pid) == before, seconds, 0.05)
+    return cgroups_of(pid)
 
 
 #: Cell code: stop unless the cell runs in an nsmagic cgroup of the CONTROLLER's hierarchy.
@@ -50,6 +50,8 @@ def guard(kernel, controller):
     return GUARD.format(kpid=kernel.pid, controller=controller)
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.parametrize("options", ["", "-p", "-r -p"])
 def test_memory_hog_is_killed_and_reported_as_oom(kernel, options):
     before = cgroups_of(kernel.pid)
@@ -65,6 +67,8 @@ print('survived')""")
     assert kernel.value("1 + 1") == 2
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_cell_under_memory_limit_runs_and_sees_its_limit(kernel):
     before = cgroups_of(kernel.pid)
     limit = kernel.value_in("--memory 64M", """(lambda h: [
@@ -75,6 +79,8 @@ def test_cell_under_memory_limit_runs_and_sees_its_limit(kernel):
     assert settled(kernel.pid, before) == before
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_fork_loop_is_stopped_by_the_pids_limit(kernel):
     before = cgroups_of(kernel.pid)
     cell = kernel.execute("%%innamespace -p --pids 20\n" + guard(kernel, "pids") + """
@@ -106,6 +112,8 @@ print(n)""").ok()
     return int(cell.stdout)
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_cpu_limit_slows_a_busy_loop(kernel):
     before = cgroups_of(kernel.pid)
     free = max(busy_loop_rate(kernel, "-p") for _ in range(2))
@@ -114,6 +122,8 @@ def test_cpu_limit_slows_a_busy_loop(kernel):
     assert settled(kernel.pid, before) == before
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.parametrize("options, named", [
     ("--memory lots", "--memory"), ("--memory 0", "--memory"), ("--pids 0", "--pids"),
     ("--pids -3", "--pids"), ("--cpus -1", "--cpus"), ("--cpus 1000", "--cpus"),
@@ -136,6 +146,8 @@ def test_bad_values_in_the_library_are_option_errors():
             run(os.getpid, namespaces=spec)
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_nothing_is_left_after_a_timeout_or_a_crash(kernel):
     before = cgroups_of(kernel.pid)
     limits = "--memory 64M --pids 50 --cpus 0.5"
@@ -147,6 +159,8 @@ def test_nothing_is_left_after_a_timeout_or_a_crash(kernel):
     assert cgroups_of(kernel.pid) == before
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_nothing_is_left_after_an_interrupt(fresh_kernel):
     k = fresh_kernel
     before = cgroups_of(k.pid)
@@ -167,16 +181,15 @@ def test_nothing_is_left_after_an_interrupt(fresh_kernel):
     assert settled(k.pid, before) == before
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_processes_that_outlive_the_cell_are_killed_with_its_cgroup(kernel):
     before = cgroups_of(kernel.pid)
     kernel.execute("%%innamespace --pids 10 -o sleeper\n" + guard(kernel, "pids") + """
 import subprocess
 sleeper = subprocess.Popen(['sleep', '60'], start_new_session=True).pid""").ok()
     sleeper = kernel.value("sleeper")
-    end = time.monotonic() + 5
-    while time.monotonic() < end and _alive(sleeper):
-        time.sleep(0.05)
-    assert not _alive(sleeper)
+    assert wait_until(lambda: not _alive(sleeper), 5, 0.05)
     assert settled(kernel.pid, before) == before
 
 
@@ -188,6 +201,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_empty_cgroups_of_dead_kernels_are_swept(kernel):
     """A kernel killed while a cell ran cannot clean up; the next cell with limits does."""
     [pids] = [h for h in hierarchies(open(f"/proc/{kernel.pid}/cgroup").read(), open("/proc/self/mountinfo").read())
@@ -203,12 +218,16 @@ def test_empty_cgroups_of_dead_kernels_are_swept(kernel):
             os.rmdir(stale)
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_cgroup_namespace_is_rooted_at_the_cells_cgroup(kernel):
     lines = kernel.value_in("-C --memory 64M --pids 20", "open('/proc/self/cgroup').read().splitlines()")
     limited = [line for line in lines if {"memory", "pids"} & set(line.split(":")[1].split(","))]
     assert limited and all(line.endswith(":/") for line in limited)
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.rootless
 def test_rootless_without_a_delegated_cgroup_fails_before_the_child_starts(rootless_kernel):
     rootless_kernel.execute("%load_ext nsmagic").ok()
@@ -324,6 +343,7 @@ class DirectoryWatch:
         os.close(self.fd)
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("bad, words", [
     ({"veth": "300.1.1.1/30"}, "--veth"),
     ({"bind": ["/nonexistent-nsmagic-source:/mnt"]}, "--bind"),

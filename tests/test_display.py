@@ -5,8 +5,11 @@ import os
 import re
 
 import psutil
+import pytest
 
 from nsmagic.info import cgroup_version
+
+pytestmark = [pytest.mark.kernel, pytest.mark.root]
 
 
 def shown(cell, kinds=("stream", "display_data", "update_display_data", "clear_output", "execute_result")):

@@ -13,6 +13,10 @@ from contextlib import contextmanager
 import psutil
 import pytest
 
+from helpers import wait_until
+
+pytestmark = [pytest.mark.kernel, pytest.mark.root]
+
 
 def inode(path: str) -> int:
     return os.stat(path).st_ino
@@ -69,12 +73,7 @@ def open_fds(pid: int) -> int:
 
 def no_more_fds_than(pid: int, before: int, seconds: float = 5.0) -> bool:
     """Whether the kernel's open fds drop back to *before* (its own come and go, e.g. zmq's)."""
-    end = time.monotonic() + seconds
-    while open_fds(pid) > before:
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
+    return wait_until(lambda: open_fds(pid) <= before, seconds, 0.05)
 
 
 # -- net ----------------------------------------------------------------------------------------

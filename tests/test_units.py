@@ -220,6 +220,7 @@ def test_values_are_pushed_through_the_memfd_when_they_cannot_be_pulled():
         os.close(fd)
 
 
+@pytest.mark.root
 def test_unload_and_reload_the_extension():
     from IPython.testing.globalipapp import get_ipython
 
@@ -249,7 +250,7 @@ def test_a_history_thread_that_misses_its_stop_is_still_stopped_before_a_fork(tm
     assert thread is not None and thread.is_alive()
     if not (hasattr(HistoryManager, "_restart_thread_if_stopped") and hasattr(thread, "_stop_now")):
         thread.stop()  # IPython 8: its thread, left alone by nsmagic (nothing stops it at a fork)
-        pytest.skip("this IPython's history thread is not the one nsmagic.history guards")
+        pytest.skip("this IPython's history thread is not the one nsmagic.shell guards")
 
     clearing = threading.Event()
 
@@ -345,6 +346,7 @@ def _sweeper(body):
                 pass
 
 
+@pytest.mark.root
 def test_the_childs_sweep_leaves_what_it_may_not_kill_rather_than_hang():
     """A leftover of another user (root's sleep under a sweeper that became nobody): kill() is
     refused, and the sweep must return instead of waiting for it forever."""
@@ -369,6 +371,7 @@ def test_the_childs_sweep_leaves_what_it_may_not_kill_rather_than_hang():
         assert os.path.exists(f"/proc/{sleeper}")  # left to init, not killed
 
 
+@pytest.mark.root
 def test_the_childs_sweep_waits_no_longer_than_its_patience():
     """A leftover whose death takes longer than the sweep's patience (here: none, and a heap to
     tear down) is left dying to init; a sweep that waited for it would have reaped it."""
@@ -460,3 +463,17 @@ def test_a_fresh_namespace_and_a_joined_one_are_refused_naming_the_options_typed
         Namespaces(join={kind: "1"}, **asked)
     assert str(e.value).startswith(named), str(e.value)
     assert "drop one of them" in str(e.value)
+
+
+def test_signal_names_are_in_our_words():
+    import signal
+
+    from nsmagic.errors import ChildDied
+
+    crashed = ChildDied(7, signal.SIGSEGV)  # a wait status: killed by SIGSEGV
+    assert (crashed.signal, crashed.exitcode) == (signal.SIGSEGV, None)
+    assert "(pid 7) was killed by signal 11 (SIGSEGV, segmentation fault) before" in str(crashed)
+    exited = ChildDied(7, 3 << 8, reason="the OOM killer")  # exited with status 3
+    assert (exited.signal, exited.exitcode) == (None, 3)
+    assert "exited with status 3: the OOM killer before the cell finished" in str(exited)
+    assert "(SIGUSR1)" in str(ChildDied(7, signal.SIGUSR1))  # a signal without words of ours
