@@ -4,8 +4,8 @@ Container runtimes start a container's first process with one call,
 ``clone(child_fn, stack, CLONE_NEWNET|CLONE_NEWPID|...|SIGCHLD, arg)``. nsmagic makes the same
 process, but from a live, multi-threaded Python kernel, where a raw clone through ctypes is
 unsafe: Python bytecode would run in the child before ``PyOS_AfterFork_Child()`` (the child can
-then wait forever for a GIL owned by a thread that does not exist; measured: one hang in 300
-cells), and glibc's fork handlers (malloc arenas, the cached thread id) would be skipped.
+then wait forever for a GIL owned by a thread that does not exist, which a soak of a few hundred
+cells hits), and glibc's fork handlers (malloc arenas, the cached thread id) would be skipped.
 
 glibc's ``fork()``, which ``os.fork()`` calls, *is* the clone(2) system call with those handlers,
 so nsmagic uses it and applies the flags where Linux allows each:

@@ -231,8 +231,9 @@ class InNamespaceMagics(Magics):
         """The meaning of an option line, parsed once per distinct line and kept (at most
         256 lines; the parse is pure, and the result is only read). A notebook repeats the same
         few lines, and argparse walks all of this magic's options: right after the previous
-        cell's fork, each object it touches costs the kernel a page fault (README, "What a cell
-        costs"). With each cell compiled once (nsmagic.source), about 0.2 ms a cell here."""
+        cell's fork, each object it touches costs the kernel a page fault (docs/performance.md).
+        Together with each cell compiled once (nsmagic.source), this keeps a repeated line off
+        every cell's path."""
         cache = self.__dict__.setdefault("_parsed", {})
         args = cache.get(options)
         if args is None:

@@ -92,7 +92,7 @@ class Sinks:
         """Flush what this run wrote, so that it is shown before anything published next.
 
         Only then: a flush of ipykernel's streams waits for its IO thread (stdout and stderr,
-        before and after a run, cost an empty cell about 1.3 ms)."""
+        before and after a run, would be most of an empty cell's cost)."""
         if not self._written:
             return
         self._written = False

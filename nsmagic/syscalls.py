@@ -9,9 +9,8 @@ namespace) go through a second handle that keeps the GIL: each takes microsecond
 blocks. Given up there, the GIL goes to another thread with work of its own at the start of a
 cell (ipykernel's IOPub thread sending the cell's first messages, IPython's history thread
 storing its input), and that work then delays the fork; held, it waits until the kernel waits
-for its child, and is done while the child runs. Measured with alternating A/B in one kernel:
-0.2 to 0.45 ms less per cell when the cells are stored in the history, as a notebook's are,
-and no difference when they are not. ``os.unshare`` and ``os.setns`` give up the GIL too, so
+for its child, and is done while the child runs (the difference shows when the cells are
+stored in the history, as a notebook's are; docs/performance.md). ``os.unshare`` and ``os.setns`` give up the GIL too, so
 this handle serves every Python version. The child's ``prctl`` calls use it as well: the child
 has one thread, and giving up the GIL there only writes to (and so copies) pages of the kernel.
 """
@@ -141,7 +140,7 @@ def set_child_subreaper() -> None:
 
 # Only children call the two above, each as the first call of a fresh fork. A harmless read
 # here makes ctypes do its one-time set-up of prctl in this process, not in every child
-# (measured: 10 fewer page copies, and with the GIL kept, 30 us less per child).
+# (fewer pages copied in each child, and no GIL hand-over there).
 _held.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
 
 

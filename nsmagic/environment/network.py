@@ -8,10 +8,10 @@ lives, so ``--veth`` needs a kernel run as root.
 The kernel does all the netlink work, with pyroute2, and the child none: pyroute2 is slow to
 import and builds an asyncio loop per socket, neither of which a fresh fork should pay for, and
 from the kernel it also works when a new user namespace owns the child's network namespace.
-``prepare()`` checks the values and chooses the addresses against those on the host, so a bad
-or clashing value never starts a child. ``host(pid)`` makes the pair with its inner end born in
-the child's namespace as ``eth0`` (moving an existing link there costs an RCU grace period,
-~25 ms; this costs ~1.5 ms), addresses and raises the host end, then configures ``eth0`` and the
+``check()`` checks the values and ``prepare()`` chooses the addresses against those on the host,
+so a bad or clashing value never starts a child. ``host(pid)`` makes the pair with its inner end born in
+the child's namespace as ``eth0`` (moving an existing link there waits for an RCU grace period;
+making it there does not), addresses and raises the host end, then configures ``eth0`` and the
 default route through a netlink socket opened *in* the child's namespace: a thread of the kernel
 enters it with setns(2) (a network namespace belongs to a thread, not to the process), opens the
 socket and ends. pyroute2's sync API cannot run in a thread whose asyncio loop is running, which
@@ -61,7 +61,7 @@ _IPRoute = None
 
 
 def _pyroute2():
-    """pyroute2's IPRoute, imported on first use in the kernel (it takes 0.1-0.3 s)."""
+    """pyroute2's IPRoute, imported on first use in the kernel (a slow import, which a cell without --veth never pays)."""
     global _IPRoute, _NetlinkError
     if _IPRoute is None:
         from pyroute2 import IPRoute
@@ -117,7 +117,7 @@ class Network(Part):
 
     def _make_pair(self, ipr, netns_fd: int) -> None:
         """Make the pair with its inner end born in the child's namespace (moving it there
-        later would cost an RCU grace period, ~25 ms), then configure each end."""
+        later would wait for an RCU grace period), then configure each end."""
         for _ in range(16):
             name = f"nsm{os.getpid():x}-{next(_serial) % 0x100000:x}"
             try:
