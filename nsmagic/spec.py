@@ -66,7 +66,7 @@ class Namespaces:
     rootfs: str | None = None
 
     def __post_init__(self) -> None:
-        asked = self._asked_for()
+        asked = self._asked_for() if self.join else {}  # before the implications below
         if self.map_root_user:
             self.user = True
         if self.mount_proc:
@@ -86,7 +86,8 @@ class Namespaces:
             self.net = True
         if self.tmpfs or self.bind or self.ro_bind or self.rootfs is not None:
             self.mount = True
-        self._check_joins(asked)
+        if self.join:
+            self._check_joins(asked)
 
     def _asked_for(self) -> dict[str, list[str]]:
         """For each kind, the options that ask for a fresh namespace of it, as the user may have
