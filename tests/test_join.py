@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import psutil
 import pytest
 
+from nsmagic import mountinfo
+
 from helpers import wait_until
 
 pytestmark = [pytest.mark.kernel, pytest.mark.root]
@@ -24,8 +26,7 @@ def inode(path: str) -> int:
 
 def is_mount_point(path: str) -> bool:
     """From mountinfo: os.path.ismount misses a directory bind-mounted onto itself."""
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
+    return any(m.point == path for m in mountinfo.read())
 
 
 @pytest.fixture
