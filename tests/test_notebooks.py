@@ -9,6 +9,7 @@
   (The tour's root run, with a test per section, is tests/test_tour.py.)
 * ``notebook`` + ``rootless``: the series and the tour as an unprivileged user (tests/rootless.py's
   user and venv; ``NSMAGIC_TEST_USER`` names the user), where steps that need root print a note.
+  ``NSMAGIC_NOTEBOOK_OUT=DIR`` keeps each executed copy there, as ``student-NAME.ipynb``.
 
 Both runs also check a few outputs per notebook: what each lesson says its cells show.
 """
@@ -269,6 +270,8 @@ def test_runs_as_a_student(path, student):
     finally:
         if km.has_kernel:
             run_sync(km.shutdown_kernel)(now=True)
+    if os.environ.get("NSMAGIC_NOTEBOOK_OUT"):  # keep the student's run, to read it
+        nbformat.write(nb, Path(os.environ["NSMAGIC_NOTEBOOK_OUT"]) / f"student-{path.name}")
     _check_errors_only_where_tagged(nb, path.stem)
     _check_expected(nb, path.stem, "user")
     # the lessons' temp dirs are removed by the lessons themselves
