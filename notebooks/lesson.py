@@ -82,11 +82,11 @@ def load_ipython_extension(ipython) -> None:
     @register_cell_magic
     def needs(line, cell):
         """``%%needs NAME reason...``: run the rest of the cell only if the variable NAME is true;
-        otherwise print 'skipped here: reason' instead of failing.  The rest of the cell may begin
+        otherwise print "skipped: reason" instead of failing.  The rest of the cell may begin
         with a cell magic of its own (``%%innamespace ...``)."""
         name, _, reason = line.strip().partition(" ")
         if not ipython.user_ns.get(name):
-            print(f"skipped here: {reason.strip()}")
+            print(f"skipped: {reason.strip()}")
             return None
         first, _, body = cell.partition("\n")
         if first.startswith("%%"):

@@ -40,7 +40,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 EXPECTED: dict[str, list[tuple[str, str]]] = {
     "tour": [
         (r"not root: every cell below gets -r", "user"),
-        (r"skipped here: needs root here: a veth pair", "user"),
+        (r"skipped: needs root here: a veth pair", "user"),
         (r"pid with default_options '-r --pid --mount-proc': 1\b", "user"),
     ],
     "01-clone": [
@@ -77,7 +77,7 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
     "05-network": [
         (r"connecting to 127\.0\.0\.1: OSError Network is unreachable", "both"),
         (r"lo is up; a TCP connection", "both"),
-        (r"skipped here: needs root here: a veth pair", "user"),
+        (r"skipped: needs root here: a veth pair", "user"),
         (r"1 received|64 bytes from 169\.254\.", "both"),
         (r"GET http://169\.254\.\d+\.\d+:8080/ -> hello from web, pid 1", "both"),
         (r"\"GET / HTTP/1\.1\" 200", "both"),
@@ -94,7 +94,7 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
     ],
     "07-cgroups": [
         (r"killed by the OOM killer: memory limit 64M", "root"),
-        (r"skipped here: needs", "user"),
+        (r"skipped: needs", "user"),
         (r"the pids limit stopped the cell at \d+ processes", "root"),
         (r"cgroup namespace: the cell sees its cgroup as /", "both"),
     ],
