@@ -341,7 +341,7 @@ def _work(plan: Plan) -> int:
     packer = Packer(plan.memfd, plan.namespace)
     report = make_report(outcome, plan.outputs, packer)
     channel.flush()
-    protocol.send_obj(plan.control, Kind.DONE, report)
+    protocol.send_obj(plan.control, Kind.DONE, report.plain(protocol.SECRET))
     if report.parked is not None:  # the kernel copies them out of this process: stay until it has
         try:
             _, answer = protocol.recv_blocking(plan.answers)
@@ -369,7 +369,7 @@ def _warm_report_path() -> None:
     rewriting itself, and copy each page it writes, in every cell (about 40 us a child here)."""
     packer = Packer(-1)
     for _ in range(10):
-        protocol.dumps(make_report(Outcome(value=1), [], packer))
+        protocol.dumps(make_report(Outcome(value=1), [], packer).plain(protocol.SECRET))
 
 
 _warm_report_path()

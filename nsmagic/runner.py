@@ -24,8 +24,8 @@ from typing import Any, Callable
 from . import explain, protocol, source, syscalls
 from .child import Channel, Plan, two_stage
 from .clone import pid_namespace_in_kernel, reaper, spawn
-from .errors import CellTimeout, ChildDied, OptionError, PrivilegeError, SetupError
-from .outcome import Outcome, Result, capture, rebuild
+from .errors import CellTimeout, ChildDied, OptionError, PrivilegeError, ProtocolError, SetupError
+from .outcome import Outcome, Result, capture, decode_report, rebuild
 from .parts import annotate_all, build as build_parts, cleanup_all, prepare_all
 from .protocol import FrameReader, Kind
 from .spec import Namespaces
@@ -212,6 +212,7 @@ class _Run:
         self.decoders = {}
         self.unpacker: Unpacker | None = None
         self.pushed = None  # a report whose pieces the child is writing into the memfd
+        self.readied = False
 
     def run(self) -> Result:
         prepare_all(self.parts)
@@ -341,22 +342,33 @@ class _Run:
                 sink(text)
 
     def _frames(self, data: bytes):
-        for kind, payload in self.reader.feed(data):
+        # The order rule: READY once (only if a part needs the host); after a DONE whose pieces
+        # must be pushed, only PUSHED; DONE, PUSHED and SETUP_FAILED are final, and nothing may
+        # follow a final frame. Any breach is a ProtocolError, and run() then kills the child.
+        frames = self.reader.feed(data)
+        for i, (kind, payload) in enumerate(frames):
             self._drain_streams()
+            if self.pushed is not None and kind is not Kind.PUSHED:
+                raise ProtocolError(f"the child sent {kind.name} while it should be writing its values; "
+                                    "the pipe was written by something else, and the cell was stopped")
             if kind is Kind.DONE:
-                report = protocol.load(payload)
+                report = decode_report(payload, self.outputs)
                 if report.parked is not None and not self._fetch(report.parked):
                     self.pushed = report
                     continue
-                self._settle()
-                return report
-            if kind is Kind.PUSHED and self.pushed is not None:
-                self._settle()
-                return self.pushed
+                return self._final(report, frames[i + 1:])
+            if kind is Kind.PUSHED:
+                if self.pushed is None:
+                    raise ProtocolError("the child sent PUSHED out of order; the cell was stopped")
+                return self._final(self.pushed, frames[i + 1:])
             if kind is Kind.SETUP_FAILED:
-                self._settle()
-                raise _setup_error(*protocol.parse_setup_record(payload))
+                error = _setup_error(*protocol.parse_setup_record(payload))
+                self._final(None, frames[i + 1:])
+                raise error
             if kind is Kind.READY:
+                if self.readied or not any(part.needs_host for part in self.parts):
+                    raise ProtocolError("the child sent READY out of order; the cell was stopped")
+                self.readied = True
                 self._host_side()
             elif kind is Kind.EXPLAIN:
                 self._explain(protocol.load(payload))
@@ -373,6 +385,14 @@ class _Run:
             elif kind is Kind.INPUT:
                 self._answer(*protocol.load(payload))
         return None
+
+    def _final(self, report, rest: list):
+        """The child's last word: nothing may follow it."""
+        if rest or self.reader.pending():
+            raise ProtocolError(f"the child sent more after its final report ({rest[0][0].name if rest else 'part of a message'}); "
+                                "the pipe was written by something else, and the cell was stopped")
+        self._settle()
+        return report
 
     def _fetch(self, parked) -> bool:
         """Copy the child's large pieces straight out of its memory, then let it go; False if

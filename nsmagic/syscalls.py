@@ -145,8 +145,9 @@ def pipe() -> tuple[int, int]:
 
 
 def memfd(name: str) -> int:
-    """``os.memfd_create(name, os.MFD_CLOEXEC)``, keeping the GIL."""
-    fd = _held.memfd_create(os.fsencode(name), os.MFD_CLOEXEC)
+    """``os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)``, keeping the GIL (the
+    kernel seals it before it maps it: see nsmagic.values.seal)."""
+    fd = _held.memfd_create(os.fsencode(name), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     _check(fd, "memfd_create")
     return fd
 
