@@ -30,7 +30,7 @@ from .explain import inodes
 from .outcome import Outcome, make_report
 from .protocol import Kind
 from .spec import Namespaces
-from .syscalls import set_child_subreaper, set_parent_death_signal
+from .syscalls import set_child_subreaper, set_parent_death_signal, set_undumpable
 from .values import Packer
 
 #: Exit statuses of a child that could not even report (seen only if reporting itself failed).
@@ -220,6 +220,7 @@ def _become_middle_or_worker(plan: Plan) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for fd in (0, 1, 2, plan.control, plan.answers, plan.memfd):
         os.close(fd)
+    _drop_inherited_fds(())
     while True:
         try:
             _, status = os.waitpid(worker, 0)
@@ -329,7 +330,42 @@ def _children() -> list[int]:
     return pids
 
 
+def _drop_inherited_fds(keep) -> None:
+    """Replace every descriptor inherited from the kernel (its ZeroMQ sockets, its history
+    database, other runs' pipes) with /dev/null, keeping 0, 1, 2 and *keep*: the cell's process
+    then holds nothing of the kernel's, and what it starts inherits only 0, 1 and 2 (each
+    replacement is close-on-exec, as nsmagic's own descriptors are). Replaced rather than
+    closed: kernel objects copied into the child still hold the numbers, and a number closed
+    under them could be reused by a file the cell opens, which one of them might then close
+    or write to."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: every number up to the limit, as subprocess does
+        fds = range(3, os.sysconf("SC_OPEN_MAX"))
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    keep = {0, 1, 2, null, *keep}
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.dup2(null, fd, inheritable=False)
+            except OSError:  # not open (the listing's own descriptor)
+                pass
+    os.close(null)
+
+
+def _seal_off(plan: Plan) -> None:
+    """Just before the cell's code runs: keep only nsmagic's descriptors, and in a user
+    namespace or a --rootfs, make this process undumpable, so that the programs the cell runs
+    (root in that namespace) cannot open its /proc/PID/fd and write into nsmagic's pipes. (The
+    kernel then may not read this process's memory unless it is root, and values come back
+    through the memfd instead.)"""
+    _drop_inherited_fds((plan.control, plan.answers, plan.memfd))
+    if plan.spec.user or "user" in plan.spec.join or plan.spec.rootfs is not None:
+        set_undumpable()
+
+
 def _work(plan: Plan) -> int:
+    _seal_off(plan)
     channel = Channel(plan.control, plan.answers)
     if plan.explain:
         protocol.send_obj(plan.control, Kind.EXPLAIN, {

@@ -110,6 +110,7 @@ MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
 PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 CAP_SYS_ADMIN = 21
 
@@ -174,6 +175,12 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, d
 
 def set_parent_death_signal(sig: int) -> None:
     _check(_held.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def set_undumpable() -> None:
+    """``prctl(PR_SET_DUMPABLE, 0)``: this process's /proc files become root's (of the first user
+    namespace), so processes it starts in a user namespace cannot open its /proc/PID/fd or mem."""
+    _check(_held.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE, 0)")
 
 
 def set_child_subreaper() -> None:
