@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import protocol, steps
+from . import protocol, sentinel, steps
 from .explain import inodes
 from .outcome import Outcome, make_report
 from .protocol import Kind
@@ -176,11 +176,14 @@ def _rewire(plan: Plan) -> None:
     # Every object inherited from the kernel goes to the permanent generation, so the child's
     # garbage collections never write to (and so copy) the kernel's pages (see gc.freeze).
     gc.freeze()
-    set_parent_death_signal(signal.SIGKILL)
+    set_parent_death_signal(sentinel.death_signal)  # SIGSTOP under a sentinel: see there
     if not plan.pid_done and os.getppid() != plan.kernel_pid:  # the kernel died before prctl()
         os._exit(EXIT_INTERNAL)
+    # A session of its own, not only a process group: a stopped group leader in its parent's
+    # session gets SIGHUP and SIGCONT from Linux when the parent dies (POSIX's orphaned
+    # process group rule), which would undo the SIGSTOP that keeps its tree for the sentinel.
     try:
-        os.setpgid(0, 0)
+        os.setsid()
     except OSError:
         pass
     devnull = os.open(os.devnull, os.O_RDONLY)

@@ -33,6 +33,7 @@ import threading
 import warnings
 
 from . import child as child_module
+from .sentinel import guard
 from .errors import PrivilegeError
 from .history import stop_saving_threads
 from .syscalls import CloneFlag, advice, open_readonly, setns, unshare
@@ -71,18 +72,19 @@ def _spawn(plan, note, log, started) -> int:
                 ) from None
             note(("kernel", "unshare(CLONE_NEWPID)",
                   "in the kernel's own thread: only its next child is born in the new PID namespace"))
+        guard.arm()  # the child's parent-death signal: SIGSTOP if a sentinel will end its tree
         pid = _fork()
         if pid == 0:
             try:
                 child_module.main(plan)
             finally:
                 os._exit(child_module.EXIT_INTERNAL)
+        guard.watch(pid)  # first: the child may already be frozen if the kernel dies now
         if started is not None:
             started(pid)
-        try:
-            os.setpgid(pid, pid)  # also done by the child: whichever runs first wins the race
-        except OSError:
-            pass
+        # No setpgid(pid, pid) here: the child makes a session of its own (see child._rewire),
+        # which it could not if this made it a group leader first. Until it has, a signal to
+        # its group falls back to the child alone (runner._signal), which has started nothing.
         if log is not None:
             note(("kernel", f"fork() = {pid}",
                   "glibc's fork is clone(CLONE_CHILD_SETTID|CLONE_CHILD_CLEARTID|SIGCHLD): a copy-on-write copy of the kernel"))
