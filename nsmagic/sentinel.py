@@ -151,18 +151,13 @@ def _main(sock_fd: int) -> None:
     poller.register(kernel, select.POLLIN)
     poller.register(sock, select.POLLIN)
     children: dict[int, int] = {}  # pidfd -> pidfd (kept open: it pins the process)
-    if os.fork() == 0:  # what kernels that died earlier left, swept by a short-lived process
-        try:
-            _sweep(quiet=True)
-        finally:
-            os._exit(0)
+    _sweep_aside()  # what kernels that died earlier left
     while True:
         for fd, events in poller.poll():
             if fd == kernel:
                 _end_all(kernel_pid, list(children), sock)
                 return
             if fd == sock.fileno():
-                _reap_sweeper()
                 if not _receive(sock, poller, children) and events & (select.POLLHUP | select.POLLERR):
                     poller.unregister(sock)  # the kernel closed its end (it is exiting)
             else:  # a child exited by itself
@@ -171,11 +166,20 @@ def _main(sock_fd: int) -> None:
                 os.close(fd)
 
 
-def _reap_sweeper() -> None:
-    try:
-        os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        pass
+def _sweep_aside() -> None:
+    """Sweep in a grandchild handed to init, so that the sentinel neither waits for it nor
+    keeps the memory of the imports the sweep needs."""
+    middle = os.fork()
+    if middle == 0:
+        try:
+            if os.fork() == 0:
+                try:
+                    _sweep(quiet=True)
+                finally:
+                    os._exit(0)
+        finally:
+            os._exit(0)
+    os.waitpid(middle, 0)
 
 
 def _receive(sock: socket.socket, poller, children: dict) -> bool:

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import psutil
 
+from processes import is_sentinel
+
 MIXED = ["-n -p --mount-proc", "-r -p -n", "-u -i", "-m -C", "-T --monotonic 5", "-U", "-n -o leak_check"]
 
 
 def kernel_state(pid: int) -> dict:
     proc = psutil.Process(pid)
-    children = proc.children(recursive=True)
+    children = [c for c in proc.children(recursive=True) if not is_sentinel(c)]
     return {
         "fds": proc.num_fds(),
         "threads": proc.num_threads(),
