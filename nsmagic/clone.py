@@ -60,6 +60,9 @@ def spawn(plan: "child_module.Plan", log: list | None = None, started=None) -> i
 
 def _spawn(plan, note, log, started) -> int:
     saved = None
+    # The child's parent-death signal: SIGSTOP if a sentinel will end its tree. Before the
+    # unshare below: a sentinel started after it would be born in the new PID namespace.
+    guard.arm()
     try:
         _signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # (no enum wrapper: see child)
         if plan.pid_done:
@@ -72,7 +75,6 @@ def _spawn(plan, note, log, started) -> int:
                 ) from None
             note(("kernel", "unshare(CLONE_NEWPID)",
                   "in the kernel's own thread: only its next child is born in the new PID namespace"))
-        guard.arm()  # the child's parent-death signal: SIGSTOP if a sentinel will end its tree
         pid = _fork()
         if pid == 0:
             try:

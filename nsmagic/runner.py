@@ -458,6 +458,8 @@ class _Run:
         while True:
             data = self._read(self.ctl)
             if not data:
+                if data == b"":
+                    self.reader.eof()  # died in the middle of a frame: a ProtocolError
                 break
             report = self._frames(data)
             if report is not None:
