@@ -33,6 +33,8 @@ from .syscalls import CAP_SYS_ADMIN, CloneFlag, advice, has_capability
 from .values import Unpacker
 
 _CHUNK = 1 << 16
+#: poll(2) takes an int of milliseconds: a longer wait is made of several.
+_POLL_MAX_MS = (1 << 31) - 1
 
 #: Seconds the kernel waits for a SIGKILLed child to end before it leaves it to the reaper.
 KILL_WAIT = 5.0
@@ -144,8 +146,10 @@ def execute(
     """
     spec = spec or Namespaces()
     outputs = check_outputs(outputs)
-    if timeout is not None and not timeout > 0:
-        raise OptionError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    if timeout is not None and not 0 < timeout < float("inf"):
+        raise OptionError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
+    if not 0 <= grace < float("inf"):
+        raise OptionError(f"grace must be a finite number of seconds from 0, not {grace!r}")
     check_privileges(spec)
     return _Run(job, spec, outputs, timeout, sinks or Sinks(), grace, namespace, explain).run()
 
@@ -284,7 +288,7 @@ class _Run:
                         f"the cell ran longer than its timeout of {self.timeout:g}s, so its child "
                         f"(pid {self.pid}) and everything in its namespaces were killed"
                     )
-                wait_ms = max(1, int(left * 1000))
+                wait_ms = min(max(1, int(left * 1000)), _POLL_MAX_MS)
             events = poller.poll(wait_ms)
             # Streams first: what the child wrote before a frame must be shown before it.
             for fd, _ in sorted(events, key=lambda e: e[0] in (self.ctl, self.pidfd)):
@@ -540,7 +544,7 @@ class _Run:
         for fd in (self.out, self.err, self.ctl, self.pidfd):
             poller.register(fd, select.POLLIN)
         while (left := end - time.monotonic()) > 0:
-            for fd, _ in poller.poll(max(1, int(left * 1000))):
+            for fd, _ in poller.poll(min(max(1, int(left * 1000)), _POLL_MAX_MS)):
                 if fd == self.pidfd:
                     self._drain_streams()
                     self._reap()

@@ -8,6 +8,9 @@ clock offset a time namespace.
 
 from __future__ import annotations
 
+import math
+import re
+import time
 from dataclasses import dataclass, field, fields
 
 from .errors import OptionError
@@ -83,6 +86,16 @@ class Namespaces:
         if self.hostname is not None:
             _check_hostname(self.hostname)
             self.uts = True
+        _check_offset("monotonic", self.monotonic, time.CLOCK_MONOTONIC)
+        _check_offset("boottime", self.boottime, time.CLOCK_BOOTTIME)
+        if self.memory is not None:
+            _check_memory(self.memory)
+        if self.pids is not None and (isinstance(self.pids, bool) or not isinstance(self.pids, int)
+                                      or self.pids <= 0):
+            raise OptionError(f"--pids {self.pids!r}: give a whole number of processes above 0, e.g. --pids 64")
+        if self.cpus is not None and (isinstance(self.cpus, bool) or not isinstance(self.cpus, (int, float))
+                                      or not 0 < self.cpus < math.inf):
+            raise OptionError(f"--cpus {self.cpus!r}: give a fraction of CPUs above 0, e.g. --cpus 0.5")
         if self.monotonic or self.boottime:
             self.time = True
         if self.mount_proc and self.user and not self.pid and "pid" not in self.join:
@@ -150,3 +163,45 @@ def _check_hostname(name: str) -> None:
         raise OptionError(f"--hostname {name!r} is {len(raw)} bytes long; Linux allows at most 64")
     if b"\0" in raw:
         raise OptionError("--hostname cannot contain a NUL byte")
+
+
+#: The largest clock offset Linux accepts, about 146 years (timens: KTIME_SEC_MAX / 2).
+MAX_OFFSET = 4_611_686_018
+
+
+def _check_offset(name: str, value, clock: int) -> None:
+    """A clock offset Linux will take: a finite number of seconds that leaves the clock between
+    zero and :data:`MAX_OFFSET`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise OptionError(f"--{name} {value!r}: give a number of seconds, e.g. --{name} 3600")
+    now = time.clock_gettime(clock)
+    if not -now <= value <= MAX_OFFSET - now:
+        raise OptionError(f"--{name} {value:g}: the offset must keep the clock between 0 and "
+                          f"{MAX_OFFSET} s (Linux's limit); it reads {now:.0f} s now, so give "
+                          f"{-now:.0f} to {MAX_OFFSET - now:.0f}")
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", re.IGNORECASE)
+_UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+#: The largest limit a cgroup file takes (a signed 64-bit count of bytes).
+MAX_MEMORY = (1 << 63) - 1
+
+
+def _check_memory(value) -> None:
+    """A whole number of bytes, or a number with K, M, G or T that comes to one (1.5M is)."""
+    hint = "give a whole number of bytes or a size with K, M, G or T, e.g. --memory 64M"
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise OptionError(f"--memory {value!r}: {hint}")
+    if isinstance(value, int):
+        size = value
+    elif (m := _SIZE.fullmatch(value)) is None:
+        raise OptionError(f"--memory {value!r}: {hint}")
+    else:
+        whole, _, fraction = m[1].partition(".")
+        scale = _UNIT[m[2].upper()]
+        numerator = int(whole + fraction) * scale
+        size, rest = divmod(numerator, 10 ** len(fraction))
+        if rest:
+            raise OptionError(f"--memory {value!r} is not a whole number of bytes; {hint}")
+    if not 0 < size <= MAX_MEMORY:
+        raise OptionError(f"--memory {value!r}: a limit from 1 byte to {MAX_MEMORY} bytes; {hint}")
