@@ -7,6 +7,7 @@ import time
 import traceback
 from pathlib import Path
 
+from .boxes import box_create, box_round_trip, box_thousand, nslink
 from .core import Verdict, load, markdown, say
 from .heap import big_heap
 from .kernel_cells import many_net_cells, per_flag, round_trip
@@ -34,6 +35,10 @@ def main() -> None:
         "library": lambda: library(quick),
         "array_out": lambda: array_out(quick),
         "big_heap": lambda: big_heap(quick, gib),
+        "box_round_trip": lambda: box_round_trip(quick),
+        "box_create": lambda: box_create(quick),
+        "nslink": lambda: nslink(quick),
+        "box_thousand": lambda: box_thousand(quick),
     }
     chosen = args.only or list(targets)
     unknown = set(chosen) - set(targets)

@@ -13,7 +13,9 @@ Without IPython, :func:`run` calls a function and :func:`run_code` runs a code s
 with the namespaces of a :class:`Namespaces` request.
 """
 
+from .box import Box
 from .errors import (
+    BoxDied,
     CellError,
     CellTimeout,
     ChildDied,
@@ -32,7 +34,7 @@ from .syscalls import CloneFlag
 __version__ = "0.1.0"
 
 __all__ = [
-    "CellError", "CellTimeout", "ChildDied", "CloneFlag", "Namespaces", "NsmagicError",
+    "Box", "BoxDied", "CellError", "CellTimeout", "ChildDied", "CloneFlag", "Namespaces", "NsmagicError",
     "OptionError", "OutputError", "PrivilegeError", "ProtocolError", "Result", "SetupError",
     "Sinks", "execute", "run", "run_code", "load_ipython_extension",
 ]
@@ -49,9 +51,11 @@ def load_ipython_extension(ipython) -> None:
 
 
 def unload_ipython_extension(ipython) -> None:
-    """``%unload_ext nsmagic``: remove the magics again."""
+    """``%unload_ext nsmagic``: stop the boxes and remove the magics again."""
+    from .box import stop_all
     from .magics import InNamespaceMagics
 
+    stop_all()
     for kind, names in InNamespaceMagics.magics.items():
         for name in names:
             ipython.magics_manager.magics[kind].pop(name, None)

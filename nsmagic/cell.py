@@ -17,7 +17,7 @@ from IPython.core.displaypub import DisplayPublisher
 from .child import Channel
 from .errors import cell_error
 from .outcome import Outcome
-from .source import prepare, run_prepared
+from .source import Prepared, prepare, run_prepared
 
 
 class ChildDisplayPublisher(DisplayPublisher):
@@ -40,13 +40,17 @@ class ChildDisplayPublisher(DisplayPublisher):
 
 
 def cell_job(shell, code: str, *, shown_source: str, line_offset: int) -> Callable[[Channel], Outcome]:
-    """The job that runs *code* as a cell in the child.
+    """The job that runs *code* as a cell in the child (see :func:`compile_cell`)."""
+    prepared = compile_cell(shell, code, shown_source=shown_source, line_offset=line_offset)
+    return lambda channel: run_cell(shell, prepared, channel)
 
-    IPython's input transformation (``!cmd``, ``%magic``) and compiling happen here, in the
-    kernel, before the fork: a syntax error then never starts a child, and both run warm in the
-    kernel but cold (several milliseconds) in a child. *shown_source* and *line_offset* place the code in the cell the
-    student sees (for a cell magic, after its ``%%innamespace`` line), so tracebacks name the
-    right line.
+
+def compile_cell(shell, code: str, *, shown_source: str, line_offset: int) -> Prepared:
+    """IPython's input transformation (``!cmd``, ``%magic``) and compiling, done in the kernel
+    before the fork: a syntax error then never starts a child, and both run warm in the kernel
+    but cold (several milliseconds) in a child. *shown_source* and *line_offset* place the code
+    in the cell the student sees (for a cell magic, after its ``%%innamespace`` line), so
+    tracebacks name the right line.
     """
     transformed = shell.transform_cell(code)
     filename = shell.compile.cache(transformed, shell.execution_count, raw_code=shown_source)
@@ -57,18 +61,36 @@ def cell_job(shell, code: str, *, shown_source: str, line_offset: int) -> Callab
         # Shown as a plain cell shows it; IPython would print a SyntaxError raised by a magic
         # with the magic's own frames.
         raise cell_error("SyntaxError", str(e), shell.SyntaxTB.structured_traceback(SyntaxError, e, [])) from None
+    _publisher(shell)  # made here, in the kernel (see ChildDisplayPublisher)
+    return prepared
+
+
+def run_cell(shell, prepared: Prepared, channel: Channel) -> Outcome:
+    """Run compiled cell code in the child (a one-shot child or a box), with the shell's
+    display going through *channel*."""
     publisher = _publisher(shell)
+    publisher.channel = channel
+    shell.display_pub = publisher
+    _forward_kernel_messages(shell, channel)
+    outcome = run_prepared(prepared, shell.user_ns, render_traceback=_render(shell),
+                           formatter=lambda value: shell.display_formatter.format(value))
+    _show_open_figures()
+    return outcome
 
-    def job(channel: Channel) -> Outcome:
-        publisher.channel = channel
-        shell.display_pub = publisher
-        _forward_kernel_messages(shell, channel)
-        outcome = run_prepared(prepared, shell.user_ns, render_traceback=_render(shell),
-                               formatter=lambda value: shell.display_formatter.format(value))
-        _show_open_figures()
-        return outcome
 
-    return job
+def box_executor(shell):
+    """How a notebook's box runs a cell: in its own copy of the shell, whose user namespace is
+    the box's globals; ``--in`` values are set there first."""
+    import pickle
+
+    from .source import loads
+
+    def execute(request, channel) -> Outcome:
+        if request.inputs is not None:
+            shell.user_ns.update(pickle.loads(request.inputs))
+        return run_cell(shell, loads(request.payload), channel)
+
+    return execute
 
 
 _publishers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -89,8 +111,8 @@ def _forward_kernel_messages(shell, channel: Channel) -> None:
     child: buttons and sliders made inside do not call back."""
     kernel = getattr(shell, "kernel", None)
     session = getattr(kernel, "session", None)
-    if session is None:
-        return
+    if session is None or getattr(session.send, "nsmagic_forward", False):
+        return  # done already: a box runs many cells in one process
     iopub, send = kernel.iopub_socket, session.send
 
     def forward(stream, msg_or_type, content=None, parent=None, ident=None, buffers=None,
@@ -100,6 +122,7 @@ def _forward_kernel_messages(shell, channel: Channel) -> None:
             return None
         return send(stream, msg_or_type, content, parent, ident, buffers, track, header, metadata)
 
+    forward.nsmagic_forward = True
     session.send = forward
 
 

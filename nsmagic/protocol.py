@@ -64,6 +64,10 @@ class Kind(enum.IntEnum):
     IOPUB = 9
     #: Child to kernel: the parked pieces are in the memfd now.
     PUSHED = 10
+    #: Kernel to box: run a cell (see nsmagic.box); the cell's memfd comes with it.
+    RUN = 11
+    #: Box to kernel: my namespaces and set-up are done; I wait for cells.
+    STARTED = 12
     #: Kernel to child: the answer to INPUT: (ok, text or reason); empty after DISPLAY and
     #: CLEAR_OUTPUT, READY, EXPLAIN and IOPUB, to say they are done (b"no" after a failed READY);
     #: after DONE, see there.
@@ -73,8 +77,23 @@ class Kind(enum.IntEnum):
 #: A plain dict lookup, not ``Kind(n)``: enum's call path touches a dozen objects, and every
 #: page touched right after a fork is a page copied.
 _KIND_OF = {int(kind): kind for kind in Kind}
-#: What the kernel accepts from a child: every kind but its own ANSWER.
-_FROM_CHILD = {n: kind for n, kind in _KIND_OF.items() if kind is not Kind.ANSWER}
+#: What the kernel accepts from a child: every kind but those only the kernel sends.
+_FROM_CHILD = {n: kind for n, kind in _KIND_OF.items() if kind not in (Kind.ANSWER, Kind.RUN)}
+
+
+HEADER_SIZE = _HEADER.size
+
+
+def header(kind: Kind, length: int) -> bytes:
+    return _HEADER.pack(kind, length)
+
+
+def parse_header(data: bytes) -> tuple[Kind, int]:
+    kind, length = _HEADER.unpack(data)
+    if kind not in _KIND_OF:
+        raise ProtocolError(f"a frame of unknown kind {kind}")
+    _check_length(kind, length)
+    return _KIND_OF[kind], length
 
 
 def send(fd: int, kind: Kind, payload: bytes = b"") -> None:
@@ -180,13 +199,11 @@ class FrameReader:
 
 def recv_blocking(fd: int) -> tuple[Kind, bytes]:
     """Read exactly one frame from a blocking pipe (the child's side of ANSWER)."""
-    header = _read_exact(fd, _HEADER.size)
-    kind, length = _HEADER.unpack(header)
-    _check_length(kind, length)
-    return _KIND_OF[kind], _read_exact(fd, length)
+    kind, length = parse_header(read_exact(fd, _HEADER.size))
+    return kind, read_exact(fd, length)
 
 
-def _read_exact(fd: int, n: int) -> bytes:
+def read_exact(fd: int, n: int) -> bytes:
     chunks = []
     while n:
         chunk = os.read(fd, n)

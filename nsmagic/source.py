@@ -13,6 +13,7 @@ import ast
 import functools
 import io
 import linecache
+import marshal
 import tokenize
 import traceback
 from dataclasses import dataclass
@@ -97,3 +98,16 @@ def ends_with_semicolon(code: str) -> bool:
     except (tokenize.TokenError, SyntaxError):
         return False
     return bool(tokens) and tokens[-1].string == ";"
+
+
+def dumps(prepared: Prepared, shown_source: str) -> bytes:
+    """*prepared* as bytes for another process of this same interpreter (a box): code objects
+    travel with marshal, and the source goes along for its tracebacks."""
+    return marshal.dumps((prepared.filename, prepared.body, prepared.last, prepared.quiet, shown_source))
+
+
+def loads(data: bytes) -> Prepared:
+    """The other side of :func:`dumps`; registers the source for tracebacks."""
+    filename, body, last, quiet, shown = marshal.loads(data)
+    linecache.cache[filename] = (len(shown), None, shown.splitlines(True), filename)
+    return Prepared(filename, body, last, quiet)
