@@ -72,7 +72,7 @@ class Conversation:
     # -- the handlers ---------------------------------------------------------------------------
 
     def _display(self, payload: bytes) -> None:
-        msg = protocol.load(payload)
+        msg = protocol.load_record(payload, ("data", "metadata", "transient", "update"))
         self.sinks.display(msg["data"], msg["metadata"], msg["transient"], msg["update"])
         self.reply()
 
@@ -81,11 +81,11 @@ class Conversation:
         self.reply()
 
     def _iopub(self, payload: bytes) -> None:
-        self.sinks.iopub(**protocol.load(payload))
+        self.sinks.iopub(**protocol.load_record(payload, ("msg_type", "content", "metadata", "ident", "buffers")))
         self.reply()
 
     def _input(self, payload: bytes) -> None:
-        prompt, password = protocol.load(payload)
+        prompt, password = protocol.load_record(payload, 2)
         if self.stopping:
             self.reply(protocol.dumps((False, "input() is not available: the cell is being stopped")))
             return
@@ -102,7 +102,7 @@ class Conversation:
         if self._explain is None:
             raise ProtocolError("the child sent an EXPLAIN frame that nobody asked for")
         explain, self._explain = self._explain, None  # once
-        explain(protocol.load(payload))
+        explain(protocol.load_record(payload, ("calls", "inodes", "ids")))
         self.reply()
 
     def _ready(self, payload: bytes) -> None:

@@ -131,6 +131,21 @@ def load(payload: bytes):
                             "nothing in it was run, and the cell was stopped") from None
 
 
+def load_record(payload: bytes, fields: tuple[str, ...] | int):
+    """:func:`load`, and the shape the kernel's handler expects: a dict with exactly *fields*
+    (names), or a tuple of that many items; a :class:`ProtocolError` otherwise, so that a
+    garbled message never surfaces as a KeyError deep in a handler."""
+    data = load(payload)
+    if isinstance(fields, int):
+        ok = isinstance(data, tuple) and len(data) == fields
+    else:
+        ok = isinstance(data, dict) and set(data) == set(fields)
+    if not ok:
+        raise ProtocolError(f"the child sent a message of the wrong shape ({type(data).__name__}); "
+                            "the pipe was written by something else, and the cell was stopped")
+    return data
+
+
 def _brief(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}"
     return text if len(text) <= 120 else text[:117] + "..."

@@ -271,3 +271,12 @@ def test_the_cell_holds_none_of_the_kernels_descriptors_and_its_programs_only_0_
     assert programs.strip() == "[0, 1, 2, 3]"  # 3: the listing's own
     shell = kernel.execute(f"%%innamespace {options}\n!ls /proc/self/fd").ok()
     assert shell.stdout.split() == ["0", "1", "2", "3"]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("kind, value", [(Kind.DISPLAY, {"data": {}}), (Kind.IOPUB, {"msg_type": "x", "evil": 1}),
+                                         (Kind.INPUT, ("prompt",)), (Kind.DISPLAY, [1, 2])])
+def test_a_message_of_the_wrong_shape_is_a_protocol_error_not_a_traceback(kind, value):
+    with pytest.raises(ProtocolError, match="wrong shape"):
+        _run(CONTROL + f"import os, time\nos.write(control, frame({int(kind)}, protocol.dumps({value!r})))\n"
+             "time.sleep(30)\n", namespaces=Namespaces(pid=True), timeout=60)
