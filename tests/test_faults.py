@@ -188,3 +188,37 @@ def test_an_interrupt_ends_any_cell(victim, body, options):
         except Exception:
             break
     _alive_and_clean(victim)
+
+
+@pytest.mark.kernel
+def test_a_later_kernel_sweeps_what_a_kernel_that_died_without_its_sentinel_left():
+    from processes import is_sentinel
+
+    k = Kernel.start()
+    k.execute("%load_ext nsmagic").ok()
+    procs = _start_detaching_cell(k, "-n --veth --pids 50")
+    pid = k.pid
+    later = None
+    try:
+        sentinels = [p for p in psutil.Process(pid).children() if is_sentinel(p)]
+        assert len(sentinels) == 1
+        sentinels[0].kill()  # (a zombie until its kernel reaps it: not waited for)
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(1)  # (not a timing assertion: only to show that nothing removes them now)
+        assert _links_of(pid) and _cgroups_of(pid), "the dead kernel's link and cgroup stay"
+        later = Kernel.start()
+        later.execute("%load_ext nsmagic").ok()
+        end = time.monotonic() + 15
+        while (_links_of(pid) or _cgroups_of(pid)) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not _links_of(pid) and not _cgroups_of(pid)
+        assert not wait_gone([p.pid for p in procs], seconds=10)  # ended with their cgroup
+    finally:
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        k.shutdown()
+        if later is not None:
+            later.shutdown()
