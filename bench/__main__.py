@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import socket
 import time
 import traceback
 from pathlib import Path
@@ -67,11 +69,22 @@ def main() -> None:
         say(f"  ({time.perf_counter() - t:.1f} s)")
         verdicts += got
 
-    table = markdown(verdicts, "full" if args.full else "quick", time.perf_counter() - start, load_before)
+    mode = "full" if args.full else "quick"
+    table = markdown(verdicts, mode, time.perf_counter() - start, load_before)
     RESULTS.mkdir(exist_ok=True)
+    dated = RESULTS / result_name(mode)
+    dated.write_text(table)
     (RESULTS / "latest.md").write_text(table)
     print()
     print(table, end="")
+    say(f"written to {dated} (and {RESULTS / 'latest.md'})")
+
+
+def result_name(mode: str) -> str:
+    """``YYYY-MM-DD-HHMM-<host>-<mode>.md``: each run keeps its own dated record, named for the
+    machine it measured, beside the others (docs/performance.md reads them)."""
+    host = socket.gethostname().split(".")[0] or "host"
+    return f"{datetime.datetime.now().strftime('%Y-%m-%d-%H%M')}-{host}-{mode}.md"
 
 
 if __name__ == "__main__":

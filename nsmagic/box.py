@@ -45,7 +45,7 @@ from .dispatch import Conversation
 from .errors import BoxDied, CellTimeout, OptionError, ProtocolError
 from .handle import Child
 from .outcome import Result, capture, rebuild
-from .parts import build as build_parts, cleanup_all, prepare_all
+from .environment import build as build_parts, cleanup_all, prepare_all
 from .protocol import Kind
 from .pump import Pump, StreamDecoder, read_some
 from .runner import KILL_WAIT, Sinks, check_outputs, check_privileges, explanation, open_pipes, worker_pid

@@ -56,7 +56,7 @@ class Plan:
     gid: int
     #: The namespace the job's code runs in, whose classes and functions travel back by reference.
     namespace: dict | None = None
-    #: The environment's parts (see nsmagic.parts).
+    #: The environment's parts (see nsmagic.environment).
     parts: list = field(default_factory=list)
     #: Whether to report each step for ``--explain``.
     explain: bool = False
@@ -429,7 +429,7 @@ def _warm_report_path() -> None:
 
     Python 3.11 rewrites a function's bytecode in place once the function has run a few times
     (later versions count per instruction). A child runs this code once, so it would do that
-    rewriting itself, and copy each page it writes, in every cell (about 40 us a child here)."""
+    rewriting itself, and copy each page it writes, in every cell."""
     packer = Packer(-1)
     for _ in range(10):
         protocol.dumps(make_report(Outcome(value=1), [], packer).plain(protocol.SECRET))

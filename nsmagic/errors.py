@@ -30,6 +30,16 @@ class SetupError(NsmagicError, OSError):
     """A set-up step in the child (a mount, a uid map, a hostname) failed before the cell ran."""
 
 
+class StepFailed(Exception):
+    """A set-up step failed in the child, before the cell ran: the system call as it was made, its
+    errno, and words saying what to do. The child sends it back as a small record, and the
+    kernel raises it as :class:`SetupError` or :class:`PrivilegeError`."""
+
+    def __init__(self, step: str, err: int, message: str):
+        super().__init__(f"{step}: {message}")
+        self.step, self.errno, self.message = step, err, message
+
+
 class ChildDied(NsmagicError):
     """The child ended without reporting a result: it exited early, crashed or was killed."""
 

@@ -22,7 +22,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from . import network
+from .environment import network
 from .errors import OptionError, PrivilegeError, SetupError
 from .syscalls import CloneFlag, setns
 

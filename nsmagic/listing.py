@@ -13,9 +13,8 @@ import os
 import time
 from dataclasses import dataclass
 
-#: ``/proc/PID/ns`` names, the spec's field for each, and nsenter(1)'s flag.
-_KINDS = (("mnt", "mount", "-m"), ("uts", "uts", "-u"), ("ipc", "ipc", "-i"), ("net", "net", "-n"),
-          ("pid", "pid", "-p"), ("user", "user", "-U"), ("cgroup", "cgroup", "-C"), ("time", "time", "-T"))
+from .kinds import KINDS
+
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -33,19 +32,18 @@ class Row:
 
 
 def row(box) -> Row:
-    kinds = [(ns, field, flag) for ns, field, flag in _KINDS
-             if getattr(box.spec, field) or ns in box.spec.join or (ns == "mnt" and "mnt" in box.spec.join)]
+    kinds = [k for k in KINDS if getattr(box.spec, k.field) or k.proc in box.spec.join]
     alive = box.state != "dead" and box.worker > 0
-    namespaces = [(ns, _inode(box.worker, ns) if alive else "-") for ns, _, _ in kinds]
+    namespaces = [(k.proc, _inode(box.worker, k.proc) if alive else "-") for k in kinds]
     pids = _tree(box.worker) if alive else []
-    flags = [flag for _, _, flag in kinds]
+    flags = [k.letter for k in kinds]  # nsenter(1)'s letters are unshare(1)'s
     if "-U" in flags:  # the user namespace first, so that the others are entered with its rights
         flags.remove("-U")
         flags.insert(0, "-U --preserve-credentials")
     nsenter = f"nsenter -t {box.worker} {' '.join(flags)}".rstrip() if alive else ""
     limit = None
     if box.spec.memory is not None:
-        from .cgroups import parse_memory
+        from .environment.cgroups import parse_memory
         limit = parse_memory(box.spec.memory)
     return Row(box.name, box.worker, box.state if box.state != "dead" else f"dead ({box.death})",
                namespaces, time.monotonic() - box.created, len(pids), sum(map(_rss, pids)), limit, nsenter)

@@ -19,8 +19,9 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Float, TraitError, Unicode, validate
 
 from . import box as box_module, info, link as link_module, listing, runner
-from .cell import box_executor, cell_job, compile_cell
 from .errors import OptionError
+from .kinds import JOINABLE
+from .shell import box_executor, cell_job, compile_cell
 from .spec import Namespaces
 
 
@@ -285,7 +286,7 @@ class InNamespaceMagics(Magics):
     def _joins(self, args) -> dict[str, str]:
         """The --join-KIND targets, with a box's name standing for its namespace."""
         joins = {}
-        for kind in ("net", "uts", "ipc", "mnt", "pid", "user"):
+        for kind in JOINABLE:
             target = getattr(args, f"join_{kind}")
             if target is None:
                 continue
@@ -388,8 +389,9 @@ class InNamespaceMagics(Magics):
         """The meaning of an option line, parsed once per distinct line and kept (at most
         256 lines; the parse is pure, and the result is only read). A notebook repeats the same
         few lines, and argparse walks all of this magic's options: right after the previous
-        cell's fork, each object it touches costs the kernel a page fault (README, "What a cell
-        costs"). With each cell compiled once (nsmagic.source), about 0.2 ms a cell here."""
+        cell's fork, each object it touches costs the kernel a page fault (docs/performance.md).
+        Together with each cell compiled once (nsmagic.source), this keeps a repeated line off
+        every cell's path."""
         cache = self.__dict__.setdefault("_parsed", {})
         args = cache.get(options)
         if args is None:

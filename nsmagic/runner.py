@@ -26,7 +26,7 @@ from .dispatch import Conversation
 from .errors import CellTimeout, ChildDied, OptionError, PrivilegeError, ProtocolError
 from .handle import Child
 from .outcome import Outcome, Result, capture, rebuild
-from .parts import annotate_all, build as build_parts, cleanup_all, prepare_all
+from .environment import annotate_all, build as build_parts, cleanup_all, prepare_all
 from .pump import Pump, StreamDecoder
 from .spec import Namespaces
 from .syscalls import CAP_SYS_ADMIN, CloneFlag, advice, has_capability
@@ -90,7 +90,7 @@ class Sinks:
         """Flush what this run wrote, so that it is shown before anything published next.
 
         Only then: a flush of ipykernel's streams waits for its IO thread (stdout and stderr,
-        before and after a run, cost an empty cell about 1.3 ms)."""
+        before and after a run, would be most of an empty cell's cost)."""
         if not self._written:
             return
         self._written = False

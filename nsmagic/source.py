@@ -48,7 +48,7 @@ def prepare(code: str, *, filename: str = "<nsmagic>", flags: int = 0, shown_sou
 def _compiled(code: str, filename: str, flags: int, line_offset: int) -> Prepared:
     """Compiled once per distinct cell (code objects are immutable, so one can serve every
     run): notebooks rerun the same cells, and right after the previous cell's fork the
-    compiler's every write costs the kernel a page fault (README, "What a cell costs"). As
+    compiler's every write costs the kernel a page fault (docs/performance.md). As
     with an imported module's cached bytecode, a SyntaxWarning shows at the first compile only."""
     # Blank lines in front, rather than moving the AST's line numbers, so that a SyntaxError
     # names the right line too.

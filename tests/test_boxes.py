@@ -15,7 +15,7 @@ import pytest
 from kernel import Kernel
 from processes import wait_gone
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.root]
 
 
 @pytest.fixture
@@ -255,7 +255,7 @@ def test_boxes_end_with_the_kernel_and_leave_no_link(how):
                   "p = subprocess.Popen(['setsid', 'sleep', '600'])").ok()
         k.execute("%%innamespace --name s2 -p\nimport subprocess\nq = subprocess.Popen(['sleep', '600'])").ok()
         pids = [p.pid for p in psutil.Process(k.pid).children(recursive=True)]
-        links = k.value("sorted(__import__('nsmagic.network').network._ours)")
+        links = k.value("sorted(__import__('nsmagic.environment.network').environment.network._ours)")
         assert len(pids) >= 4 and links
         if how == "shutdown":
             k.km.shutdown_kernel(now=False)

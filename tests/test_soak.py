@@ -10,6 +10,8 @@ import pytest
 
 from processes import is_sentinel
 
+pytestmark = [pytest.mark.slow, pytest.mark.kernel, pytest.mark.root]
+
 MIXED = ["-n -p --mount-proc", "-r -p -n", "-u -i", "-m -C", "-T --monotonic 5", "-U", "-n -o leak_check"]
 
 
@@ -167,8 +169,6 @@ def _interrupted(k) -> None:
             return
 
 
-@pytest.mark.slow
-@pytest.mark.kernel
 def test_ten_thousand_mixed_cells_leave_the_kernel_and_the_host_as_they_were(fresh_kernel):
     k = fresh_kernel
     cells = int(os.environ.get("NSMAGIC_SOAK_CELLS", "10000"))
