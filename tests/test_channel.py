@@ -233,6 +233,7 @@ def _attack_cell(options: str, marker: str) -> str:
 
 
 @pytest.mark.kernel
+@pytest.mark.root
 def test_a_program_run_by_a_root_cell_cannot_run_code_in_the_kernel_through_the_pipe(kernel, marker):
     # Root without -U is the host's root: it can open the pipe, but the kernel runs nothing it wrote.
     cell = kernel.execute(_attack_cell("-n -p --mount-proc", marker))
@@ -244,6 +245,7 @@ def test_a_program_run_by_a_root_cell_cannot_run_code_in_the_kernel_through_the_
 
 
 @pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.parametrize("options", ["-r -p -n --mount-proc", "-r"])
 def test_a_program_in_a_user_namespace_cannot_even_open_the_pipe(kernel, marker, options):
     cell = kernel.execute(_attack_cell(options, marker)).ok()
@@ -259,6 +261,7 @@ FDS = ("sorted((fd, os.readlink(f'/proc/self/fd/{fd}')) for fd in map(int, os.li
 
 
 @pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.parametrize("options", ["", "-n", "-r -p"])
 def test_the_cell_holds_none_of_the_kernels_descriptors_and_its_programs_only_0_1_2(kernel, options):
     kernel.execute("import os, subprocess, sys").ok()

@@ -86,6 +86,7 @@ def _kill_kernel_and_check(k: Kernel, procs: list[psutil.Process]) -> None:
 
 
 @pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.parametrize("options", ["", "-n", "-p --mount-proc", "-n --veth --memory 64M --pids 50", "-r -p -n"])
 def test_a_killed_kernel_takes_every_process_of_its_cells_with_it(options):
     k = Kernel.start()
@@ -94,6 +95,8 @@ def test_a_killed_kernel_takes_every_process_of_its_cells_with_it(options):
 
 
 @pytest.mark.rootless
+@pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.parametrize("options", ["-r", "-r -p --mount-proc", "-r -n --lo"])
 def test_a_killed_rootless_kernel_takes_every_process_of_its_cells_with_it(rootless_env, options):
     k = rootless_env.start_kernel()
@@ -142,6 +145,7 @@ FAULTS = [
 
 
 @pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.parametrize("options, body, ename, words", FAULTS, ids=[f[2] + ":" + f[1][:30] for f in FAULTS])
 def test_a_fault_in_the_cell_is_a_one_line_error_and_the_kernel_lives_on(victim, options, body, ename, words):
     cell = victim.execute(f"%%innamespace {options}\n{body}", timeout=60)
@@ -153,6 +157,7 @@ def test_a_fault_in_the_cell_is_a_one_line_error_and_the_kernel_lives_on(victim,
 
 
 @pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.parametrize("options", ["", "-n"])
 def test_a_cell_closing_its_stdout_and_stderr_leaves_the_kernel_alive(victim, options):
     cell = victim.execute(f"%%innamespace {options}\nos.close(1)\nos.close(2)\nx = 1\nprint('lost')")
@@ -161,11 +166,13 @@ def test_a_cell_closing_its_stdout_and_stderr_leaves_the_kernel_alive(victim, op
 
 
 @pytest.mark.kernel
+@pytest.mark.root
 def test_a_huge_timeout_is_a_timeout_not_an_overflow(victim):
     assert victim.execute("%%innamespace --timeout 3e6 -n\n6 * 7").ok().result == {"text/plain": "42"}
 
 
 @pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.parametrize("body", ["time.sleep(60)", "while True: pass", "while True: print('x' * 1000)"],
                          ids=["syscall", "busy", "flood"])
 @pytest.mark.parametrize("options", ["-n", "-p"])
@@ -191,6 +198,7 @@ def test_an_interrupt_ends_any_cell(victim, body, options):
 
 
 @pytest.mark.kernel
+@pytest.mark.root
 def test_a_later_kernel_sweeps_what_a_kernel_that_died_without_its_sentinel_left():
     from processes import is_sentinel
 
