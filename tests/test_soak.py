@@ -169,6 +169,7 @@ def _interrupted(k) -> None:
             return
 
 
+@pytest.mark.timeout(1800)
 def test_ten_thousand_mixed_cells_leave_the_kernel_and_the_host_as_they_were(fresh_kernel):
     k = fresh_kernel
     cells = int(os.environ.get("NSMAGIC_SOAK_CELLS", "10000"))
