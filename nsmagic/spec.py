@@ -9,7 +9,6 @@ clock offset a time namespace.
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -79,14 +78,6 @@ class Namespaces:
             self.uts = True
         _check_offset("monotonic", self.monotonic, time.CLOCK_MONOTONIC)
         _check_offset("boottime", self.boottime, time.CLOCK_BOOTTIME)
-        if self.memory is not None:
-            _check_memory(self.memory)
-        if self.pids is not None and (isinstance(self.pids, bool) or not isinstance(self.pids, int)
-                                      or self.pids <= 0):
-            raise OptionError(f"--pids {self.pids!r}: give a whole number of processes above 0, e.g. --pids 64")
-        if self.cpus is not None and (isinstance(self.cpus, bool) or not isinstance(self.cpus, (int, float))
-                                      or not 0 < self.cpus < math.inf):
-            raise OptionError(f"--cpus {self.cpus!r}: give a fraction of CPUs above 0, e.g. --cpus 0.5")
         if self.monotonic or self.boottime:
             self.time = True
         if self.mount_proc and self.user and not self.pid and "pid" not in self.join:
@@ -188,29 +179,3 @@ def _check_offset(name: str, value, clock: int) -> None:
         raise OptionError(f"--{name} {value:g}: the offset must keep the clock between 0 and "
                           f"{MAX_OFFSET} s (Linux's limit); it reads {now:.0f} s now, so give "
                           f"{-now:.0f} to {MAX_OFFSET - now:.0f}")
-
-
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", re.IGNORECASE)
-_UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-#: The largest limit a cgroup file takes (a signed 64-bit count of bytes).
-MAX_MEMORY = (1 << 63) - 1
-
-
-def _check_memory(value) -> None:
-    """A whole number of bytes, or a number with K, M, G or T that comes to one (1.5M is)."""
-    hint = "give a whole number of bytes or a size with K, M, G or T, e.g. --memory 64M"
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise OptionError(f"--memory {value!r}: {hint}")
-    if isinstance(value, int):
-        size = value
-    elif (m := _SIZE.fullmatch(value)) is None:
-        raise OptionError(f"--memory {value!r}: {hint}")
-    else:
-        whole, _, fraction = m[1].partition(".")
-        scale = _UNIT[m[2].upper()]
-        numerator = int(whole + fraction) * scale
-        size, rest = divmod(numerator, 10 ** len(fraction))
-        if rest:
-            raise OptionError(f"--memory {value!r} is not a whole number of bytes; {hint}")
-    if not 0 < size <= MAX_MEMORY:
-        raise OptionError(f"--memory {value!r}: a limit from 1 byte to {MAX_MEMORY} bytes; {hint}")

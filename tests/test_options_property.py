@@ -41,9 +41,25 @@ LINES = st.one_of(st.lists(TOKENS, max_size=8).map(" ".join), st.text(max_size=6
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+def _checked(magics, line: str, cell: str | None):
+    """What the magic does before any child exists: parse the line, build the request, and
+    check every part's values (as runner.execute does first; the magic shows its OptionError
+    as a UsageError)."""
+    from nsmagic.environment import build
+    from nsmagic.errors import OptionError
+
+    request = magics._request(line, cell)
+    try:
+        for part in build(request[1]):
+            part.check()
+    except OptionError as e:
+        raise UsageError(str(e)) from None
+    return request
+
+
 def _request_or_usage_error(magics, line: str, cell: str | None) -> None:
     try:
-        magics._request(line, cell)
+        _checked(magics, line, cell)
     except UsageError as e:
         assert "\n" not in str(e).strip(), f"a usage error of more than one line: {e}"
 
@@ -70,10 +86,10 @@ def test_any_line_magic_line_is_a_request_or_a_usage_error(magics, line, code):
 ])
 def test_odd_values_are_usage_errors_naming_the_option(magics, line, words):
     if words is None:
-        magics._request(line, "x = 1")
+        _checked(magics, line, "x = 1")
         return
     with pytest.raises(UsageError, match=words.replace("(", r"\(")) as info:
-        magics._request(line, "x = 1")
+        _checked(magics, line, "x = 1")
     assert "\n" not in str(info.value)
 
 
