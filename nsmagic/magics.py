@@ -45,8 +45,8 @@ def _number(text: str) -> float:
 def _seconds(text: str) -> float:
     value = _number(text)
     if not 0 < value <= MAX_SECONDS:
-        raise argparse.ArgumentTypeError(f"{text!r}: the timeout must be above 0 and at most "
-                                         f"{MAX_SECONDS:g} seconds")
+        raise argparse.ArgumentTypeError(f"{text!r}: the timeout must be a positive number of seconds, "
+                                         f"at most {MAX_SECONDS:g}")
     return value
 
 

@@ -133,7 +133,8 @@ def _state(k) -> dict:
 def _run_batch(k, codes: list[str]) -> set[str]:
     """Send every cell at once (the kernel queues them), then check every reply: only the
     timed-out ones may fail, with CellTimeout. Returns what the cells printed."""
-    ids = {k.kc.execute(code): code for code in codes}
+    # stop_on_error=False: ipykernel would otherwise abort the cells queued behind a failed one.
+    ids = {k.kc.execute(code, stop_on_error=False): code for code in codes}
     replies, printed = {}, {}
     while len(replies) < len(ids):
         reply = k.kc.shell_channel.get_msg(timeout=120)
@@ -156,7 +157,8 @@ def _run_batch(k, codes: list[str]) -> set[str]:
 
 
 def _interrupted(k) -> None:
-    msg_id = k.kc.execute("%%innamespace -n\nimport time\nprint('started', flush=True)\ntime.sleep(60)")
+    msg_id = k.kc.execute("%%innamespace -n\nimport time\nprint('started', flush=True)\ntime.sleep(60)",
+                          stop_on_error=False)
     while True:
         msg = k.kc.iopub_channel.get_msg(timeout=30)
         if msg["parent_header"].get("msg_id") == msg_id and "started" in msg["content"].get("text", ""):
