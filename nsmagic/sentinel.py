@@ -309,7 +309,7 @@ def _gone(pid: int) -> bool:
 def stale_cgroups() -> list[str]:
     """cgroups nsmagic made (``nsmagic-<kernel pid>-<n>``, beside or under this process's own)
     whose kernel is gone."""
-    from nsmagic.cgroups import hierarchies
+    from nsmagic.environment.cgroups import hierarchies
 
     with open("/proc/self/cgroup") as f, open("/proc/self/mountinfo") as g:
         found = hierarchies(f.read(), g.read())
@@ -340,7 +340,7 @@ def sweep(quiet: bool = False) -> list[str]:
     failed = []
     try:
         groups = stale_cgroups()
-    except Exception:
+    except OSError:  # no /proc/self/cgroup: nothing to sweep
         groups = []
     for path in groups:
         if not _remove_cgroup(path):

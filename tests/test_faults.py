@@ -230,3 +230,10 @@ def test_a_later_kernel_sweeps_what_a_kernel_that_died_without_its_sentinel_left
         k.shutdown()
         if later is not None:
             later.shutdown()
+
+
+def test_the_sweep_reads_this_machines_cgroups_and_links():
+    from nsmagic import sentinel
+
+    assert isinstance(sentinel.stale_cgroups(), list) and isinstance(sentinel.stale_links(), list)
+    assert not sentinel._gone(os.getpid()) and sentinel._gone(2 ** 22 + 1)
