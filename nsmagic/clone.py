@@ -86,7 +86,7 @@ def _spawn(plan, note, log, started) -> int:
             started(pid)
         # No setpgid(pid, pid) here: the child makes a session of its own (see child._rewire),
         # which it could not if this made it a group leader first. Until it has, a signal to
-        # its group falls back to the child alone (runner._signal), which has started nothing.
+        # its group falls back to the child alone (handle.Child.signal), which has started nothing.
         if log is not None:
             note(("kernel", f"fork() = {pid}",
                   "glibc's fork is clone(CLONE_CHILD_SETTID|CLONE_CHILD_CLEARTID|SIGCHLD): a copy-on-write copy of the kernel"))
