@@ -41,10 +41,13 @@ __all__ = [
 
 
 def load_ipython_extension(ipython) -> None:
-    """``%load_ext nsmagic``: register ``%%innamespace``."""
+    """``%load_ext nsmagic``: register ``%%innamespace``, and start the kernel's sentinel (which
+    also sweeps what kernels that died left behind: see nsmagic.sentinel)."""
     from .magics import InNamespaceMagics
+    from .sentinel import guard
 
     ipython.register_magics(InNamespaceMagics)
+    guard.start()
 
 
 def unload_ipython_extension(ipython) -> None:

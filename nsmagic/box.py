@@ -239,7 +239,7 @@ class Box:
         memfd = syscalls.memfd("nsmagic-values")
         unpacker = Unpacker(memfd, namespace)
         conversation = self._conversation = Conversation(
-            self.sinks, self._commands.fileno(), unpacker, lambda: self.worker,
+            self.sinks, self._commands.fileno(), unpacker, lambda: self.worker, outputs=request.outputs,
             explain=self._explain_cell if request.explain else None)
         over = lambda: conversation.report is not None or self.pump.exited  # noqa: E731
         try:

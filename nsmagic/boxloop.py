@@ -52,6 +52,10 @@ class Serve:
     """The job of a box's process: serve cells until told to stop. Returns None, so that the
     child reports nothing more when it ends."""
 
+    #: A box stays dumpable (see child._seal_off): the kernel opens /proc/<worker>/ns/* for
+    #: %nslink and --join-KIND BOX, which an unprivileged kernel may not do to an undumpable one.
+    keeps_dumpable = True
+
     def __init__(self, executor: Executor):
         self.executor = executor
 

@@ -25,12 +25,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import protocol, steps
+from . import protocol, sentinel, steps
 from .explain import inodes
 from .outcome import Outcome, make_report
 from .protocol import Kind
 from .spec import Namespaces
-from .syscalls import set_child_subreaper, set_parent_death_signal
+from .syscalls import set_child_subreaper, set_parent_death_signal, set_undumpable
 from .values import Packer
 
 #: Exit statuses of a child that could not even report (seen only if reporting itself failed).
@@ -180,11 +180,14 @@ def _rewire(plan: Plan) -> None:
     # Every object inherited from the kernel goes to the permanent generation, so the child's
     # garbage collections never write to (and so copy) the kernel's pages (see gc.freeze).
     gc.freeze()
-    set_parent_death_signal(signal.SIGKILL)
+    set_parent_death_signal(sentinel.death_signal)  # SIGSTOP under a sentinel: see there
     if not plan.pid_done and os.getppid() != plan.kernel_pid:  # the kernel died before prctl()
         os._exit(EXIT_INTERNAL)
+    # A session of its own, not only a process group: a stopped group leader in its parent's
+    # session gets SIGHUP and SIGCONT from Linux when the parent dies (POSIX's orphaned
+    # process group rule), which would undo the SIGSTOP that keeps its tree for the sentinel.
     try:
-        os.setpgid(0, 0)
+        os.setsid()
     except OSError:
         pass
     for fd in held_by_kernel:
@@ -230,6 +233,7 @@ def _become_middle_or_worker(plan: Plan) -> None:
     for fd in (0, 1, 2, plan.control, plan.answers, plan.memfd):
         if fd >= 0:
             os.close(fd)
+    _drop_inherited_fds(())
     while True:
         try:
             _, status = os.waitpid(worker, 0)
@@ -339,7 +343,44 @@ def _children() -> list[int]:
     return pids
 
 
+def _drop_inherited_fds(keep) -> None:
+    """Replace every descriptor inherited from the kernel (its ZeroMQ sockets, its history
+    database, other runs' pipes) with /dev/null, keeping 0, 1, 2 and *keep*: the cell's process
+    then holds nothing of the kernel's, and what it starts inherits only 0, 1 and 2 (each
+    replacement is close-on-exec, as nsmagic's own descriptors are). Replaced rather than
+    closed: kernel objects copied into the child still hold the numbers, and a number closed
+    under them could be reused by a file the cell opens, which one of them might then close
+    or write to."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: every number up to the limit, as subprocess does
+        fds = range(3, os.sysconf("SC_OPEN_MAX"))
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    keep = {0, 1, 2, null, *keep}
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.dup2(null, fd, inheritable=False)
+            except OSError:  # not open (the listing's own descriptor)
+                pass
+    os.close(null)
+
+
+def _seal_off(plan: Plan) -> None:
+    """Just before the cell's code runs: keep only nsmagic's descriptors, and in a user
+    namespace or a --rootfs, make this process undumpable, so that the programs the cell runs
+    (root in that namespace) cannot open its /proc/PID/fd and write into nsmagic's pipes. (The
+    kernel then may not read this process's memory unless it is root, and values come back
+    through the memfd instead.)"""
+    _drop_inherited_fds((plan.control, plan.answers, plan.memfd))
+    if getattr(plan.job, "keeps_dumpable", False):  # a box, for now: see boxloop.Serve
+        return
+    if plan.spec.user or "user" in plan.spec.join or plan.spec.rootfs is not None:
+        set_undumpable()
+
+
 def _work(plan: Plan) -> int:
+    _seal_off(plan)
     channel = Channel(plan.control, plan.answers)
     if plan.explain:
         explain_steps(channel, steps.log)
@@ -364,7 +405,7 @@ def send_report(channel: Channel, memfd: int, outcome: Outcome, outputs: list[st
     packer = Packer(memfd, namespace)
     report = make_report(outcome, outputs, packer)
     channel.flush()
-    protocol.send_obj(channel.control, Kind.DONE, report)
+    protocol.send_obj(channel.control, Kind.DONE, report.plain(protocol.SECRET))
     if report.parked is not None:  # the kernel copies them out of this process: stay until it has
         try:
             _, answer = protocol.recv_blocking(channel.answers)
@@ -391,7 +432,7 @@ def _warm_report_path() -> None:
     rewriting itself, and copy each page it writes, in every cell."""
     packer = Packer(-1)
     for _ in range(10):
-        protocol.dumps(make_report(Outcome(value=1), [], packer))
+        protocol.dumps(make_report(Outcome(value=1), [], packer).plain(protocol.SECRET))
 
 
 _warm_report_path()

@@ -33,6 +33,7 @@ import threading
 import warnings
 
 from . import child as child_module
+from .sentinel import guard
 from .errors import PrivilegeError
 from .shell import stop_saving_threads
 from .syscalls import CloneFlag, advice, open_readonly, setns, unshare
@@ -59,6 +60,9 @@ def spawn(plan: "child_module.Plan", log: list | None = None, started=None) -> i
 
 def _spawn(plan, note, log, started) -> int:
     saved = None
+    # The child's parent-death signal: SIGSTOP if a sentinel will end its tree. Before the
+    # unshare below: a sentinel started after it would be born in the new PID namespace.
+    guard.arm()
     try:
         _signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # (no enum wrapper: see child)
         if plan.pid_done:
@@ -77,12 +81,12 @@ def _spawn(plan, note, log, started) -> int:
                 child_module.main(plan)
             finally:
                 os._exit(child_module.EXIT_INTERNAL)
+        guard.watch(pid)  # first: the child may already be frozen if the kernel dies now
         if started is not None:
             started(pid)
-        try:
-            os.setpgid(pid, pid)  # also done by the child: whichever runs first wins the race
-        except OSError:
-            pass
+        # No setpgid(pid, pid) here: the child makes a session of its own (see child._rewire),
+        # which it could not if this made it a group leader first. Until it has, a signal to
+        # its group falls back to the child alone (handle.Child.signal), which has started nothing.
         if log is not None:
             note(("kernel", f"fork() = {pid}",
                   "glibc's fork is clone(CLONE_CHILD_SETTID|CLONE_CHILD_CLEARTID|SIGCHLD): a copy-on-write copy of the kernel"))

@@ -13,6 +13,7 @@ from typing import Callable
 
 from . import protocol
 from .errors import PrivilegeError, ProtocolError, SetupError
+from .outcome import decode_report
 from .protocol import Kind
 
 
@@ -27,8 +28,10 @@ class Conversation:
 
     def __init__(self, sinks, answers: int, unpacker, worker_pid: Callable[[], int], *,
                  host_side: Callable[[], None] | None = None, explain: Callable[[dict], None] | None = None,
-                 extra: dict | None = None):
+                 extra: dict | None = None, outputs=()):
         self.sinks = sinks
+        #: The -o names asked for: a report may bring back only these.
+        self.outputs = list(outputs)
         self.answers = answers
         self.unpacker = unpacker
         self.worker_pid = worker_pid
@@ -69,7 +72,7 @@ class Conversation:
     # -- the handlers ---------------------------------------------------------------------------
 
     def _display(self, payload: bytes) -> None:
-        msg = protocol.load(payload)
+        msg = protocol.load_record(payload, ("data", "metadata", "transient", "update"))
         self.sinks.display(msg["data"], msg["metadata"], msg["transient"], msg["update"])
         self.reply()
 
@@ -78,11 +81,11 @@ class Conversation:
         self.reply()
 
     def _iopub(self, payload: bytes) -> None:
-        self.sinks.iopub(**protocol.load(payload))
+        self.sinks.iopub(**protocol.load_record(payload, ("msg_type", "content", "metadata", "ident", "buffers")))
         self.reply()
 
     def _input(self, payload: bytes) -> None:
-        prompt, password = protocol.load(payload)
+        prompt, password = protocol.load_record(payload, 2)
         if self.stopping:
             self.reply(protocol.dumps((False, "input() is not available: the cell is being stopped")))
             return
@@ -99,7 +102,7 @@ class Conversation:
         if self._explain is None:
             raise ProtocolError("the child sent an EXPLAIN frame that nobody asked for")
         explain, self._explain = self._explain, None  # once
-        explain(protocol.load(payload))
+        explain(protocol.load_record(payload, ("calls", "inodes", "ids")))
         self.reply()
 
     def _ready(self, payload: bytes) -> None:
@@ -116,7 +119,7 @@ class Conversation:
     def _done(self, payload: bytes) -> None:
         if self._pushing is not None:
             raise ProtocolError("the child sent a second report")
-        report = protocol.load(payload)
+        report = decode_report(payload, self.outputs)  # plain data, with the kernel's secret
         if self.stopping:  # the child need not wait for its pieces to be fetched
             if report.parked is not None:
                 self.reply()

@@ -121,4 +121,4 @@ class Child:
 def _readable(fd: int, seconds: float = 0.0) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    return bool(poller.poll(max(0, int(seconds * 1000))))
+    return bool(poller.poll(min(max(0, int(seconds * 1000)), (1 << 31) - 1)))

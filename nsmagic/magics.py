@@ -8,13 +8,15 @@ user's namespace, and returns the cell's value for IPython to display.
 from __future__ import annotations
 
 import argparse
+import keyword
+import math
 import re
 
 from IPython import get_ipython
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Float, Unicode
+from traitlets import Float, TraitError, Unicode, validate
 
 from . import box as box_module, info, link as link_module, listing, runner
 from .errors import OptionError
@@ -23,21 +25,34 @@ from .shell import box_executor, cell_job, compile_cell
 from .spec import Namespaces
 
 
-def _seconds(text: str) -> float:
+#: The longest wait nsmagic accepts, about 31 years: finite, and far inside what poll(2) and the
+#: clocks can count.
+MAX_SECONDS = 1e9
+#: The longest a cell's child gets between SIGINT and SIGKILL.
+MAX_GRACE = 3600.0
+
+
+def _number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: the timeout must be a positive number of seconds")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r}: the timeout must be a positive number of seconds, "
+                                         f"at most {MAX_SECONDS:g}")
     return value
 
 
 def _offset(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    """A clock offset in seconds (its range depends on the clock: see nsmagic.spec)."""
+    return _number(text)
 
 
 def _box_name(text: str) -> str:
@@ -64,6 +79,8 @@ def _names(text: str) -> list[str]:
     for name in names:
         if not name.isidentifier():
             raise argparse.ArgumentTypeError(f"{name!r} is not a Python variable name")
+        if keyword.iskeyword(name):
+            raise argparse.ArgumentTypeError(f"{name!r} is a Python keyword, not a variable name")
     return names
 
 
@@ -125,6 +142,20 @@ class InNamespaceMagics(Magics):
     default_timeout = Float(
         0.0, help="A --timeout (seconds) for cells that give none; 0 means no timeout."
     ).tag(config=True)
+
+    @validate("grace_period")
+    def _check_grace(self, proposal):
+        value = proposal["value"]
+        if not (math.isfinite(value) and 0 <= value <= MAX_GRACE):
+            raise TraitError(f"grace_period = {value!r}: give seconds from 0 to {MAX_GRACE:g}")
+        return value
+
+    @validate("default_timeout")
+    def _check_default_timeout(self, proposal):
+        value = proposal["value"]
+        if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
+            raise TraitError(f"default_timeout = {value!r}: give seconds from 0 (none) to {MAX_SECONDS:g}")
+        return value
 
     @magic_arguments()
     @argument("-m", "--mount", action="store_true", help="new mount namespace (CLONE_NEWNS)")
@@ -200,6 +231,30 @@ class InNamespaceMagics(Magics):
 
         Option letters are those of util-linux unshare(1).
         """
+        args, spec, code, shown_source, line_offset, outputs, timeout = self._request(line, cell)
+        if args.name is not None:
+            result = self._in_box(args, spec, code, shown_source, line_offset, outputs, timeout)
+        else:
+            if args.inputs:
+                raise UsageError("--in copies variables into a box: it goes with --name BOX (a one-shot "
+                                 "cell already sees every variable of the kernel)")
+            job = cell_job(self.shell, code, shown_source=shown_source, line_offset=line_offset)
+            try:
+                result = runner.execute(job, spec, outputs=outputs, timeout=timeout,
+                                        sinks=NotebookSinks(), grace=self.grace_period,
+                                        namespace=self.shell.user_ns, explain=args.explain)
+            except OptionError as e:  # a value only a part could check (a missing rootfs, a bad CIDR)
+                raise UsageError(str(e)) from None
+        if result.values:
+            self.shell.push(result.values)
+        result.raise_for_errors()
+        if result.bundle is not None:
+            return ChildValue(result.bundle)
+        return result.value
+
+    def _request(self, line: str, cell: str | None):
+        """Everything a run needs from the magic's line (and cell), every value checked: a
+        :class:`UsageError` naming the option for anything wrong, before any child exists."""
         if cell is None:
             options, code = self._split_line(line)
             shown_source, line_offset = code, 0
@@ -226,25 +281,7 @@ class InNamespaceMagics(Magics):
             raise UsageError(str(e)) from None
         outputs = [name for group in args.out for name in group]
         timeout = args.timeout or self.default_timeout or None
-        if args.name is not None:
-            result = self._in_box(args, spec, code, shown_source, line_offset, outputs, timeout)
-        else:
-            if args.inputs:
-                raise UsageError("--in copies variables into a box: it goes with --name BOX (a one-shot "
-                                 "cell already sees every variable of the kernel)")
-            job = cell_job(self.shell, code, shown_source=shown_source, line_offset=line_offset)
-            try:
-                result = runner.execute(job, spec, outputs=outputs, timeout=timeout,
-                                        sinks=NotebookSinks(), grace=self.grace_period,
-                                        namespace=self.shell.user_ns, explain=args.explain)
-            except OptionError as e:  # a value only a part could check (a missing rootfs, a bad CIDR)
-                raise UsageError(str(e)) from None
-        if result.values:
-            self.shell.push(result.values)
-        result.raise_for_errors()
-        if result.bundle is not None:
-            return ChildValue(result.bundle)
-        return result.value
+        return args, spec, code, shown_source, line_offset, outputs, timeout
 
     def _joins(self, args) -> dict[str, str]:
         """The --join-KIND targets, with a box's name standing for its namespace."""
@@ -358,7 +395,11 @@ class InNamespaceMagics(Magics):
         cache = self.__dict__.setdefault("_parsed", {})
         args = cache.get(options)
         if args is None:
-            args = parse_argstring(self.innamespace, options)
+            try:
+                args = parse_argstring(self.innamespace, options)
+            except ValueError as e:  # shlex: an unbalanced quote
+                raise UsageError(f"the option line {options.strip()!r} cannot be split into words "
+                                 f"({e}); close the quote, or escape it with a backslash") from None
             if len(cache) >= 256:
                 cache.clear()
             cache[options] = args
@@ -398,10 +439,21 @@ def _is_number(token: str) -> bool:
         return False
 
 
+def _long_option(parser: argparse.ArgumentParser, token: str):
+    """The action of a long option as argparse reads it: exact, or a unique abbreviation."""
+    actions = parser._option_string_actions
+    if token in actions:
+        return actions[token]
+    matches = {actions[o] for o in actions if o.startswith("--") and o.startswith(token)}
+    return matches.pop() if len(matches) == 1 else None
+
+
 def _takes_value(parser: argparse.ArgumentParser, token: str) -> bool | str:
     """Whether *token* is an option whose value is the next token ("?" if it may be)."""
     if token.startswith("--"):
-        action = parser._option_string_actions.get(token)
+        if "=" in token:
+            return False
+        action = _long_option(parser, token)
         if action is not None and action.nargs == "?":
             return "?"
         return action is not None and action.nargs != 0

@@ -17,7 +17,8 @@ import traceback as tb_module
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ChildTraceback, OutputError, cell_error
+from . import protocol
+from .errors import ChildTraceback, OutputError, ProtocolError, cell_error
 from .values import Packed, Packer, Parked, Unpacker
 
 #: Marks "no value" (a cell whose last statement is not an expression), unlike ``None``.
@@ -57,6 +58,50 @@ class Report:
     error: ErrorRecord | None = None
     #: Large pieces the kernel fetches from the child before it lets the child exit.
     parked: Parked | None = None
+
+    def plain(self, secret: bytes) -> tuple:
+        """The report as plain data, the payload of DONE (the kernel decodes it without
+        running anything: see nsmagic.protocol), led by the kernel's secret."""
+        packed = lambda p: None if p is None else p.plain()  # noqa: E731
+        error = self.error
+        return (
+            secret, packed(self.result), self.result_bundle, self.has_result,
+            {name: p.plain() for name, p in self.values.items()}, self.failed,
+            None if error is None else (error.ename, error.evalue, error.traceback, error.text,
+                                        packed(error.exception)),
+            None if self.parked is None else self.parked.plain(),
+        )
+
+
+def decode_report(payload: bytes, outputs: list[str]) -> Report:
+    """The kernel's side of :meth:`Report.plain`: a report of the right shape, with the kernel's
+    secret, naming only values that were asked for; a :class:`ProtocolError` otherwise."""
+    data = protocol.load(payload)
+    if not isinstance(data, tuple) or len(data) != 8:
+        raise ProtocolError("the cell's final report is garbled (not a report); the cell was stopped")
+    protocol.check_secret(data[0])
+    try:
+        _, result, bundle, has_result, values, failed, error, parked = data
+        values, failed = dict(values), dict(failed)
+        if not set(values) | set(failed) <= set(outputs):
+            raise ValueError(f"it names values that were not asked for: {sorted(set(values) - set(outputs))}")
+        if bundle is not None:
+            bundle = (dict(bundle[0]), dict(bundle[1]))
+        if error is not None:
+            ename, evalue, lines, text, exception = error
+            if not all(isinstance(x, str) for x in (ename, evalue, text, *lines)):
+                raise ValueError("its error record holds something other than text")
+            error = ErrorRecord(ename, evalue, list(lines), text,
+                                None if exception is None else Packed.from_plain(exception))
+        return Report(
+            result=None if result is None else Packed.from_plain(result), result_bundle=bundle,
+            has_result=bool(has_result),
+            values={name: Packed.from_plain(p) for name, p in values.items()},
+            failed={name: str(why) for name, why in failed.items()}, error=error,
+            parked=None if parked is None else Parked.from_plain(parked),
+        )
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"the cell's final report is garbled ({e}); the cell was stopped") from None
 
 
 def capture(fn, *args, **kwargs) -> Outcome:

@@ -6,14 +6,23 @@ blocking writes, the kernel feeds whatever bytes it has read into a :class:`Fram
 may hold half a frame between reads. A child that dies between frames and one that dies in the
 middle of a frame are different events: the first is a crash, the second a :class:`ProtocolError`.
 
-Payloads are pickled with the standard library (they hold only plain data made by nsmagic's own
-child code), except ``SETUP_FAILED``, a tiny text record in the manner of subprocess's
-``name:errno:message``, because a failed set-up step should not depend on pickle working.
+The kernel trusts nothing that comes through this pipe: a program the cell runs may have found
+it, and whatever the kernel decodes runs in the host's namespaces. So the reader accepts only
+frames of the kinds a child sends, each at most :data:`MAX_FRAME` bytes (a larger declared
+length is refused before a byte of it is buffered), and payloads are decoded as plain data:
+pickles of ``None``, booleans, numbers, strings, bytes, tuples, lists, dicts and sets only, read
+by an unpickler that refuses every global (:func:`load`), so no class is looked up and no
+callable is called. ``SETUP_FAILED`` is a tiny text record in the manner of subprocess's
+``name:errno:message``, because a failed set-up step should not depend on pickle working. The
+only full unpickle is of the values the user asked for (see :mod:`nsmagic.values`), and only
+from a final report that carries this kernel's :data:`SECRET`.
 """
 
 from __future__ import annotations
 
 import enum
+import hmac
+import io
 import os
 import pickle
 import struct
@@ -21,6 +30,14 @@ import struct
 from .errors import ProtocolError
 
 _HEADER = struct.Struct("!BQ")
+
+#: The largest payload either side accepts (display data of a large image fits many times).
+MAX_FRAME = 256 << 20
+
+#: Made once per kernel and inherited by every child through the fork: a final report must
+#: carry it. A program the cell runs that found the pipe (and cannot read the cell's memory)
+#: cannot forge one.
+SECRET = os.urandom(16)
 
 
 class Kind(enum.IntEnum):
@@ -60,6 +77,8 @@ class Kind(enum.IntEnum):
 #: A plain dict lookup, not ``Kind(n)``: enum's call path touches a dozen objects, and every
 #: page touched right after a fork is a page copied.
 _KIND_OF = {int(kind): kind for kind in Kind}
+#: What the kernel accepts from a child: every kind but those only the kernel sends.
+_FROM_CHILD = {n: kind for n, kind in _KIND_OF.items() if kind not in (Kind.ANSWER, Kind.RUN)}
 
 
 HEADER_SIZE = _HEADER.size
@@ -73,11 +92,15 @@ def parse_header(data: bytes) -> tuple[Kind, int]:
     kind, length = _HEADER.unpack(data)
     if kind not in _KIND_OF:
         raise ProtocolError(f"a frame of unknown kind {kind}")
+    _check_length(kind, length)
     return _KIND_OF[kind], length
 
 
 def send(fd: int, kind: Kind, payload: bytes = b"") -> None:
     """Write one whole frame to a blocking pipe."""
+    if len(payload) > MAX_FRAME:
+        raise ValueError(f"nsmagic cannot send {len(payload)} bytes in one message; the limit is "
+                         f"{MAX_FRAME >> 20} MiB (bring large data back with -o instead)")
     view = memoryview(_HEADER.pack(kind, len(payload)) + payload)
     while view:
         view = view[os.write(fd, view):]
@@ -91,11 +114,49 @@ def send_obj(fd: int, kind: Kind, obj) -> None:
     send(fd, kind, dumps(obj))
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds plain data only: every opcode that would look up a class or a function (and so
+    every REDUCE, BUILD or NEWOBJ, which need one) ends in :meth:`find_class`, which refuses."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+
 def load(payload: bytes):
+    """Decode a control payload as plain data, running nothing from it."""
     try:
-        return pickle.loads(payload)
-    except Exception as e:  # the payload was made by our own child: garbage means a bug
-        raise ProtocolError(f"a frame from the child could not be decoded ({e})") from None
+        return _PlainUnpickler(io.BytesIO(payload)).load()
+    except Exception as e:  # our own child sends plain data only: anything else is forged
+        raise ProtocolError(f"the child sent a message that is not plain data ({_brief(e)}); "
+                            "nothing in it was run, and the cell was stopped") from None
+
+
+def load_record(payload: bytes, fields: tuple[str, ...] | int):
+    """:func:`load`, and the shape the kernel's handler expects: a dict with exactly *fields*
+    (names), or a tuple of that many items; a :class:`ProtocolError` otherwise, so that a
+    garbled message never surfaces as a KeyError deep in a handler."""
+    data = load(payload)
+    if isinstance(fields, int):
+        ok = isinstance(data, tuple) and len(data) == fields
+    else:
+        ok = isinstance(data, dict) and set(data) == set(fields)
+    if not ok:
+        raise ProtocolError(f"the child sent a message of the wrong shape ({type(data).__name__}); "
+                            "the pipe was written by something else, and the cell was stopped")
+    return data
+
+
+def _brief(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def check_secret(token) -> None:
+    """A final report must carry this kernel's :data:`SECRET`; a forged one does not."""
+    if not isinstance(token, bytes) or not hmac.compare_digest(token, SECRET):
+        raise ProtocolError("the cell's final report was not written by nsmagic's child (a program "
+                            "in the cell wrote into nsmagic's private pipe); nothing in it was "
+                            "used, and the cell was stopped")
 
 
 def setup_record(step: str, err: int, message: str) -> bytes:
@@ -110,6 +171,12 @@ def parse_setup_record(payload: bytes) -> tuple[str, int, str]:
         raise ProtocolError(f"a set-up failure record from the child is garbled: {payload[:80]!r}") from None
 
 
+def _check_length(kind: int, length: int) -> None:
+    if length > MAX_FRAME:
+        raise ProtocolError(f"the child announced a message of {length} bytes (kind {kind}); the limit "
+                            f"is {MAX_FRAME >> 20} MiB: the pipe was written by something else")
+
+
 class FrameReader:
     """Turns the bytes read from a pipe, in pieces of any size, back into frames."""
 
@@ -121,15 +188,21 @@ class FrameReader:
         frames = []
         while len(self._buf) >= _HEADER.size:
             kind, length = _HEADER.unpack_from(self._buf)
+            if kind not in _FROM_CHILD:
+                raise ProtocolError(f"the child sent a message of unknown kind {kind}: the pipe was "
+                                    "written by something else, and the cell was stopped")
+            _check_length(kind, length)
             end = _HEADER.size + length
             if len(self._buf) < end:
                 break
-            if kind not in _KIND_OF:
-                raise ProtocolError(f"the child sent a frame of unknown kind {kind}")
-            kind = _KIND_OF[kind]
+            kind = _FROM_CHILD[kind]
             frames.append((kind, bytes(self._buf[_HEADER.size:end])))
             del self._buf[:end]
         return frames
+
+    def pending(self) -> int:
+        """Bytes of a frame not yet complete."""
+        return len(self._buf)
 
     def eof(self) -> None:
         """The pipe closed: fine between frames, a :class:`ProtocolError` inside one."""

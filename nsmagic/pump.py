@@ -54,6 +54,10 @@ def read_some(fd: int) -> bytes | None:
         return None
 
 
+#: poll(2) takes an int of milliseconds: a longer wait is made of several (the loop polls again).
+_POLL_MAX_MS = (1 << 31) - 1
+
+
 class Pump:
     """The kernel's side of a child's pipes and pidfd.
 
@@ -84,7 +88,7 @@ class Pump:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                wait_ms = max(1, int(left * 1000))
+                wait_ms = min(max(1, int(left * 1000)), _POLL_MAX_MS)
             if self.exited:  # what the child sent before it ended has been passed on
                 return until()
             events = self._poller.poll(wait_ms)

@@ -12,6 +12,7 @@ the loop that passes on its streams and frames (:mod:`nsmagic.pump`), what each 
 from __future__ import annotations
 
 import errno
+import keyword
 import os
 import signal
 import sys
@@ -103,7 +104,7 @@ class Sinks:
 def check_outputs(names) -> list[str]:
     out = []
     for name in names:
-        if not isinstance(name, str) or not name.isidentifier():
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
             raise OptionError(f"-o {name!r}: not a Python variable name")
         if name not in out:
             out.append(name)
@@ -141,8 +142,10 @@ def execute(
     """
     spec = spec or Namespaces()
     outputs = check_outputs(outputs)
-    if timeout is not None and not timeout > 0:
-        raise OptionError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    if timeout is not None and not 0 < timeout < float("inf"):
+        raise OptionError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
+    if not 0 <= grace < float("inf"):
+        raise OptionError(f"grace must be a finite number of seconds from 0, not {grace!r}")
     check_privileges(spec)
     return _Run(job, spec, outputs, timeout, sinks or Sinks(), grace, namespace, explain).run()
 
@@ -261,7 +264,7 @@ class _Run:
             streams = {out_r: StreamDecoder(self.sinks.stdout), err_r: StreamDecoder(self.sinks.stderr)}
             unpacker = Unpacker(memfd, self.namespace)
             conversation = Conversation(
-                self.sinks, ans_w, unpacker, self._worker_pid,
+                self.sinks, ans_w, unpacker, self._worker_pid, outputs=self.outputs,
                 host_side=self._host_side if any(p.needs_host for p in self.parts) else None,
                 explain=self._explain if self.log is not None else None)
             plan = Plan(

@@ -8,6 +8,8 @@ clock offset a time namespace.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 
 from .errors import OptionError
@@ -74,6 +76,8 @@ class Namespaces:
         if self.hostname is not None:
             _check_hostname(self.hostname)
             self.uts = True
+        _check_offset("monotonic", self.monotonic, time.CLOCK_MONOTONIC)
+        _check_offset("boottime", self.boottime, time.CLOCK_BOOTTIME)
         if self.monotonic or self.boottime:
             self.time = True
         if self.mount_proc and self.user and not self.pid and "pid" not in self.join:
@@ -159,3 +163,19 @@ def _check_hostname(name: str) -> None:
         raise OptionError(f"--hostname {name!r} is {len(raw)} bytes long; Linux allows at most 64")
     if b"\0" in raw:
         raise OptionError("--hostname cannot contain a NUL byte")
+
+
+#: The largest clock offset Linux accepts, about 146 years (timens: KTIME_SEC_MAX / 2).
+MAX_OFFSET = 4_611_686_018
+
+
+def _check_offset(name: str, value, clock: int) -> None:
+    """A clock offset Linux will take: a finite number of seconds that leaves the clock between
+    zero and :data:`MAX_OFFSET`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise OptionError(f"--{name} {value!r}: give a number of seconds, e.g. --{name} 3600")
+    now = time.clock_gettime(clock)
+    if not -now <= value <= MAX_OFFSET - now:
+        raise OptionError(f"--{name} {value:g}: the offset must keep the clock between 0 and "
+                          f"{MAX_OFFSET} s (Linux's limit); it reads {now:.0f} s now, so give "
+                          f"{-now:.0f} to {MAX_OFFSET - now:.0f}")

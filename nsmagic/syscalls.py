@@ -69,6 +69,7 @@ MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
 PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 CAP_SYS_ADMIN = 21
 
@@ -104,8 +105,9 @@ def pipe() -> tuple[int, int]:
 
 
 def memfd(name: str) -> int:
-    """``os.memfd_create(name, os.MFD_CLOEXEC)``, keeping the GIL."""
-    fd = _held.memfd_create(os.fsencode(name), os.MFD_CLOEXEC)
+    """``os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)``, keeping the GIL (the
+    kernel seals it before it maps it: see nsmagic.values.seal)."""
+    fd = _held.memfd_create(os.fsencode(name), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     _check(fd, "memfd_create")
     return fd
 
@@ -132,6 +134,12 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, d
 
 def set_parent_death_signal(sig: int) -> None:
     _check(_held.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def set_undumpable() -> None:
+    """``prctl(PR_SET_DUMPABLE, 0)``: this process's /proc files become root's (of the first user
+    namespace), so processes it starts in a user namespace cannot open its /proc/PID/fd or mem."""
+    _check(_held.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE, 0)")
 
 
 def set_child_subreaper() -> None:

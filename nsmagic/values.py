@@ -22,6 +22,8 @@ the cell made under the same name has another, and comes back by value instead.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import mmap
 import os
@@ -49,6 +51,43 @@ class Packed:
     inline: bytes | None
     span: tuple[int, int] | None = None
     buffers: list[tuple[int, int]] = field(default_factory=list)
+
+    def plain(self) -> tuple:
+        return (self.inline, self.span, self.buffers)
+
+    @classmethod
+    def from_plain(cls, data) -> "Packed":
+        """Rebuild from what the child sent, checking its shape (not yet its spans: see
+        :meth:`Unpacker.unpack`)."""
+        inline, span, buffers = _tuple(data, 3)
+        if inline is not None and not isinstance(inline, bytes):
+            raise ValueError("a packed value's pickle is not bytes")
+        if (inline is None) == (span is None):
+            raise ValueError("a packed value has both or neither of a pickle and a span")
+        return cls(inline, None if span is None else _span(span), [_span(b) for b in _list(buffers)])
+
+
+def _tuple(data, n: int) -> tuple:
+    if not isinstance(data, (tuple, list)) or len(data) != n:
+        raise ValueError(f"expected {n} fields, got {type(data).__name__}")
+    return tuple(data)
+
+
+def _list(data) -> list:
+    if not isinstance(data, (tuple, list)):
+        raise ValueError(f"expected a list, got {type(data).__name__}")
+    return list(data)
+
+
+def _count(n) -> int:
+    if type(n) is not int or n < 0:
+        raise ValueError(f"expected a count of bytes, got {n!r}")
+    return n
+
+
+def _span(data) -> tuple[int, int]:
+    start, n = _tuple(data, 2)
+    return _count(start), _count(n)
 
 
 _kernel_namespace = threading.local()
@@ -96,6 +135,22 @@ class Parked:
 
     size: int
     pieces: list[tuple[int, int, int]]
+
+    def plain(self) -> tuple:
+        return (self.size, self.pieces)
+
+    @classmethod
+    def from_plain(cls, data) -> "Parked":
+        """Rebuild from what the child sent; every piece must lie inside the area."""
+        size, pieces = _tuple(data, 2)
+        size = _count(size)
+        checked = []
+        for piece in _list(pieces):
+            start, there, n = (_count(x) for x in _tuple(piece, 3))
+            if start + n > size:
+                raise ValueError(f"a piece at {start} of {n} bytes lies outside the {size}-byte area")
+            checked.append((start, there, n))
+        return cls(size, checked)
 
 
 class Packer:
@@ -232,6 +287,8 @@ class Unpacker:
                 pass
         base = buffer_address(area)
         try:
+            # Checked again here, where a piece out of bounds would be a write into the kernel.
+            _within(parked.pieces, parked.size)
             _copy(pid, [(base + start, there, n) for start, there, n in parked.pieces], parked.size)
         except OSError:
             area.close()
@@ -241,6 +298,7 @@ class Unpacker:
 
     def _map(self) -> memoryview:
         if self._view is None:
+            seal(self.fd)  # before mapping: a file that shrinks under a mapping is a SIGBUS here
             size = os.fstat(self.fd).st_size
             # Before Python 3.13 the mapping keeps a duplicate of the memfd open for as long as a
             # value built on it lives; 3.13 can do without it.
@@ -254,11 +312,43 @@ class Unpacker:
         if packed.inline is not None:
             data = packed.inline
         else:
-            start, length = packed.span
-            data = self._map()[start:start + length]
-        buffers = [self._map()[s:s + n] for s, n in packed.buffers]
+            data = self._piece(*packed.span)
+        buffers = [self._piece(s, n) for s, n in packed.buffers]
         _kernel_namespace.ns = self.namespace
         try:
             return pickle.loads(data, buffers=buffers)
         finally:
             _kernel_namespace.ns = None
+
+    def _piece(self, start: int, n: int) -> memoryview:
+        """A span of the out-of-band area, refused if it is not wholly inside it (a slice
+        would silently come back short)."""
+        view = self._map()
+        if start < 0 or n < 0 or start + n > view.nbytes:
+            raise ValueError(f"the child named bytes {start}..{start + n} of a {view.nbytes}-byte area")
+        return view[start:start + n]
+
+
+def _within(pieces: list[tuple[int, int, int]], size: int) -> None:
+    for start, _, n in pieces:
+        if start < 0 or n < 0 or start + n > size:
+            raise ValueError(f"a piece at {start} of {n} bytes lies outside the {size}-byte area")
+
+
+#: Nobody may change the memfd's size or contents once the kernel reads it.
+_SEALS = 0
+for _name in ("F_SEAL_SHRINK", "F_SEAL_GROW", "F_SEAL_WRITE", "F_SEAL_SEAL"):
+    _SEALS |= getattr(fcntl, _name, 0)
+
+
+def seal(fd: int) -> None:
+    """Seal the memfd against shrinking, growing and writing, or refuse to read it: the child
+    (or a program that reached the file) could otherwise truncate it under the kernel's
+    mapping, and each read of a page past the new end would kill the kernel with SIGBUS."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except OSError as e:
+        have = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if e.errno == errno.EPERM else 0
+        needed = _SEALS & ~getattr(fcntl, "F_SEAL_SEAL", 0)
+        if have & needed != needed:  # sealed already, but not by us: enough only if as tight
+            raise ValueError(f"the values file could not be sealed ({os.strerror(e.errno or 0)})") from None

@@ -8,15 +8,23 @@ import rootless
 
 
 @pytest.fixture(scope="session")
-def rootless_kernel():
-    """A `rootless.RootlessKernel`: a real kernel run by an unprivileged user, nsmagic installed.
-
-    Shared by the whole session (its set-up takes 10-25 s); tests must leave it usable.
-    """
+def rootless_env():
+    """A `rootless.RootlessEnv`: an unprivileged user with nsmagic installed, for tests that
+    start (and may kill) kernels of their own. Shared by the session (set-up takes 10-25 s)."""
     reason = rootless.unavailable_reason()
     if reason:
         pytest.skip(reason)
-    with rootless.RootlessEnv() as env, env.kernel() as kernel:
+    with rootless.RootlessEnv() as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def rootless_kernel(rootless_env):
+    """A `rootless.RootlessKernel`: a real kernel run by an unprivileged user, nsmagic installed.
+
+    Shared by the whole session; tests must leave it usable.
+    """
+    with rootless_env.kernel() as kernel:
         yield kernel
 
 

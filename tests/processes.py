@@ -8,10 +8,18 @@ from helpers import wait_until
 
 
 def descendants(pid: int) -> list[psutil.Process]:
+    """The processes below *pid*, except nsmagic's sentinel (which lives as long as the kernel)."""
     try:
-        return psutil.Process(pid).children(recursive=True)
+        return [p for p in psutil.Process(pid).children(recursive=True) if not is_sentinel(p)]
     except psutil.NoSuchProcess:
         return []
+
+
+def is_sentinel(p: psutil.Process) -> bool:
+    try:
+        return any(arg.endswith("nsmagic/sentinel.py") for arg in p.cmdline())
+    except psutil.Error:
+        return False
 
 
 def wait_gone(pids, seconds: float = 5.0) -> list[int]:

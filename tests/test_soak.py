@@ -1,11 +1,14 @@
 """Hundreds of cells: the kernel leaks nothing and never hangs."""
 
 import os
+import queue
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+
+from processes import is_sentinel
 
 pytestmark = [pytest.mark.slow, pytest.mark.kernel, pytest.mark.root]
 
@@ -14,7 +17,7 @@ MIXED = ["-n -p --mount-proc", "-r -p -n", "-u -i", "-m -C", "-T --monotonic 5",
 
 def kernel_state(pid: int) -> dict:
     proc = psutil.Process(pid)
-    children = proc.children(recursive=True)
+    children = [c for c in proc.children(recursive=True) if not is_sentinel(c)]
     return {
         "fds": proc.num_fds(),
         "threads": proc.num_threads(),
@@ -97,3 +100,105 @@ for t in _threads: t.start()""").ok()
     finally:
         k.execute("_stop.set()\nfor t in _threads: t.join()\nsys.setswitchinterval(0.005)")
     assert settled_state(k.pid, want_fds=10**6)["children"] == []
+
+
+# -- ten thousand mixed cells ---------------------------------------------------------------------
+
+#: (options, body) for the soak: every flag, a veth pair, limits, a tmpfs, a 1 MB -o array.
+SOAK = [
+    ("-m", "x = 1"), ("-u --hostname soak", "x = 1"), ("-i", "x = 1"), ("-n", "x = 1"),
+    ("-p --mount-proc", "x = 1"), ("-U", "x = 1"), ("-C", "x = 1"), ("-T --monotonic 5", "x = 1"),
+    ("-r -p -n --mount-proc", "x = 1"), ("-n --lo", "x = 1"), ("--tmpfs /mnt", "open('/mnt/f', 'w').write('x')"),
+    ("--memory 64M --pids 64", "x = 1"), ("-n -o soak_array", "soak_array = np.ones(1 << 17)"),
+    ("-n --veth", "x = 1"), ("", "print('x' * 100)"), ("-p", "import subprocess\nsubprocess.run(['true'])"),
+]
+#: Every this many cells, one that times out and one that is interrupted.
+SOAK_FAULT_EVERY = 100
+
+
+def _state(k) -> dict:
+    proc = psutil.Process(k.pid)
+    maps = Path(f"/proc/{k.pid}/maps").read_text().splitlines()
+    return {
+        **settled_state(k.pid, want_fds=10**6),
+        "rss": proc.memory_info().rss,
+        "maps": len(maps),
+        "value_maps": sum("nsmagic-values" in line for line in maps),
+        "links": {n for n in os.listdir("/sys/class/net") if n.startswith(f"nsm{k.pid:x}-")},
+        "cgroups": {str(p) for top in Path("/sys/fs/cgroup").iterdir() for p in top.rglob(f"nsmagic-{k.pid}-*")},
+        "host_mounts": Path("/proc/self/mountinfo").read_text().count("\n"),
+    }
+
+
+def _run_batch(k, codes: list[str]) -> set[str]:
+    """Send every cell at once (the kernel queues them), then check every reply: only the
+    timed-out ones may fail, with CellTimeout. Returns what the cells printed."""
+    # stop_on_error=False: ipykernel would otherwise abort the cells queued behind a failed one.
+    ids = {k.kc.execute(code, stop_on_error=False): code for code in codes}
+    replies, printed = {}, {}
+    while len(replies) < len(ids):
+        reply = k.kc.shell_channel.get_msg(timeout=120)
+        if reply["parent_header"].get("msg_id") in ids:
+            replies[reply["parent_header"]["msg_id"]] = reply["content"]
+    while True:
+        try:
+            msg = k.kc.iopub_channel.get_msg(timeout=0.2)
+        except queue.Empty:
+            break
+        parent = msg["parent_header"].get("msg_id")
+        if parent in ids and msg["msg_type"] == "stream":
+            printed[parent] = printed.get(parent, "") + msg["content"]["text"]
+    for msg_id, content in replies.items():
+        expected = "error" if "--timeout" in ids[msg_id] else "ok"
+        assert content["status"] == expected, (ids[msg_id], content.get("ename"), content.get("evalue"))
+        if expected == "error":
+            assert content["ename"] == "CellTimeout"
+    return {text.strip() for text in printed.values() if text.startswith("net:")}
+
+
+def _interrupted(k) -> None:
+    msg_id = k.kc.execute("%%innamespace -n\nimport time\nprint('started', flush=True)\ntime.sleep(60)",
+                          stop_on_error=False)
+    while True:
+        msg = k.kc.iopub_channel.get_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") == msg_id and "started" in msg["content"].get("text", ""):
+            break
+    k.km.interrupt_kernel()
+    while True:
+        reply = k.kc.shell_channel.get_msg(timeout=60)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            assert reply["content"]["ename"] == "KeyboardInterrupt"
+            return
+
+
+@pytest.mark.timeout(1800)
+def test_ten_thousand_mixed_cells_leave_the_kernel_and_the_host_as_they_were(fresh_kernel):
+    k = fresh_kernel
+    cells = int(os.environ.get("NSMAGIC_SOAK_CELLS", "10000"))
+    k.execute("import numpy as np\nsoak_array = None").ok()
+    for options, body in SOAK * 2:  # warm-up: imports, caches, the reaper and the sentinel
+        k.execute(f"%%innamespace {options}\n{body}").ok()
+    _interrupted(k)
+    before = _state(k)
+    inodes = set()
+    for start in range(0, cells, SOAK_FAULT_EVERY):  # a batch of cells in flight, then an interrupt
+        codes = []
+        for i in range(start, min(cells, start + SOAK_FAULT_EVERY)):
+            options, body = SOAK[i % len(SOAK)]
+            if i % SOAK_FAULT_EVERY == SOAK_FAULT_EVERY - 1:
+                options, body = "-p --timeout 0.2", "import time\ntime.sleep(60)"
+            elif options == "-n":
+                body = "import os\nprint(os.readlink('/proc/self/ns/net'))"
+            codes.append(f"%%innamespace {options}\n{body}")
+        inodes |= _run_batch(k, codes)
+        _interrupted(k)
+    assert k.value("soak_array.shape") == (1 << 17,)
+    after = _state(k)
+    for key in ("fds", "threads", "children", "mounts", "links", "cgroups", "host_mounts"):
+        assert after[key] == before[key], key
+    assert after["rss"] <= before["rss"] * 1.2
+    assert after["value_maps"] <= 1 and after["maps"] <= before["maps"] + 8
+    deadline = time.monotonic() + 10
+    while inodes & net_namespaces_in_use() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not inodes & net_namespaces_in_use()

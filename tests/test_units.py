@@ -135,7 +135,7 @@ def _pack_all(values):
 
     from nsmagic.values import Packer
 
-    fd = os.memfd_create("test")
+    fd = os.memfd_create("test", os.MFD_ALLOW_SEALING)  # as nsmagic makes it
     packer = Packer(fd)
     return fd, packer, [packer.pack(v) for v in values]
 

@@ -42,6 +42,8 @@ from ..mountinfo import parse as parse_mountinfo
 from ..steps import do
 from .base import Part
 
+#: The largest limit a cgroup file takes (a signed 64-bit count of bytes).
+MAX_MEMORY = (1 << 63) - 1
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", re.IGNORECASE)
 _PERIOD_US = 100_000
@@ -67,13 +69,18 @@ _COUNTERS = {
 
 def parse_memory(value) -> int:
     """Bytes from an int or a string such as ``"64M"`` (K, M, G, T are powers of 1024)."""
+    hint = "give a whole number of bytes or a number with K, M, G or T, e.g. --memory 64M"
     size = 0
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     elif isinstance(value, str) and (m := _SIZE.fullmatch(value)):
-        size = int(float(m[1]) * _UNITS[m[2].upper()])
-    if size <= 0:
-        raise OptionError(f"--memory {value!r}: not a size; give bytes or a number with K, M or G, e.g. --memory 64M")
+        # Exact arithmetic: 1.5M is 1572864 bytes, but 1.5 (no unit) is no whole number of bytes.
+        whole, _, fraction = m[1].partition(".")
+        size, rest = divmod(int(whole + fraction) * _UNITS[m[2].upper()], 10 ** len(fraction))
+        if rest:
+            raise OptionError(f"--memory {value!r} is not a whole number of bytes; {hint}")
+    if not 0 < size <= MAX_MEMORY:
+        raise OptionError(f"--memory {value!r}: not a size from 1 byte to {MAX_MEMORY} bytes; {hint}")
     return size
 
 
