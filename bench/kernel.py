@@ -54,7 +54,8 @@ class Kernel:
         self.history = tempfile.TemporaryDirectory(prefix="nsmagic-bench-")
         hist_file = os.path.join(self.history.name, "history.sqlite")
         with open(LOG, "a") as log:  # the kernel keeps its own copy of the descriptor
-            self.km.start_kernel(stdout=log, stderr=log, env=self.env,
+            extra = {"env": self.env} if self.env is not None else {}  # None is not "inherit" there
+            self.km.start_kernel(stdout=log, stderr=log, **extra,
                                  extra_arguments=[f"--HistoryManager.hist_file={hist_file}"])
         try:
             self.kc = self.km.client()
