@@ -40,7 +40,10 @@ __all__ = [
 
 def load_ipython_extension(ipython) -> None:
     """``%load_ext nsmagic``: register ``%%innamespace``."""
+    from .linux import check
     from .magics import InNamespaceMagics
+
+    check()  # one line on a Linux too old for any cell, not a traceback in the first one
 
     ipython.register_magics(InNamespaceMagics)
 
