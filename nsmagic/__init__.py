@@ -24,7 +24,11 @@ from .errors import (
     ProtocolError,
     SetupError,
 )
-from .outcome import Result
+from .linux import check_system
+
+check_system()  # before the modules that load Linux's system calls: one line on macOS, not a traceback
+
+from .outcome import Result  # noqa: E402
 from .runner import Sinks, execute, run, run_code
 from .spec import Namespaces
 from .syscalls import CloneFlag

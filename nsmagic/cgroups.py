@@ -309,20 +309,21 @@ def _may_write(group: str) -> bool:
     return os.access(group, os.W_OK | os.X_OK) and all(os.access(f, os.W_OK) for f in files)
 
 
-def settle(place: Place, controllers) -> None:
+def settle(place: Place, controllers, own: str) -> None:
     """Make *place* ready for the cell's cgroup: the leaf move, then the controllers.
 
     The kernel goes alone into ``nsmagic-<pid>-kernel``; whatever else was in G (the Jupyter
     server, other kernels, a shell) into ``nsmagic-others``: G can enable controllers only once
     it holds no process. What these processes start later is born in their leaf. The changes are
-    recorded, so that the kernel's exit can undo them (:func:`_restore`).
+    recorded, so that the kernel's exit can undo them (:func:`_restore`); so is a kernel that
+    found itself in a leaf already (one a killed kernel's leaf move put its Jupyter server in).
     """
     group = place.group
     if place.leaf:
         _move_out(group, controllers)
     if place.enable:
         _enable(group, place.enable, controllers)
-    if place.leaf or place.enable:
+    if place.leaf or place.enable or _LEAF.fullmatch(os.path.basename(os.path.normpath(own))):
         mine = _changed.setdefault(group, set())
         mine |= place.enable
         if not _restore_registered:
@@ -459,7 +460,7 @@ class CgroupLimits(Part):
             if h.v2:
                 parent = kernel_group(h)
                 _remove_stale(parent)
-                settle(v2_place(h, controllers), controllers)
+                settle(v2_place(h, controllers), controllers, h.own)
             else:
                 parent = h.own
                 _check_writable(parent, controllers)

@@ -57,6 +57,13 @@ def refusal(release: str, has_pidfd: bool, system: str = "Linux") -> str | None:
             f"is {release}: run Jupyter on a newer Linux (a current distribution, or a VM)")
 
 
+def check_system() -> None:
+    """Raise a one-line :class:`SetupError` on a system that is not Linux (run at import)."""
+    uname = os.uname()
+    if uname.sysname != "Linux":
+        raise SetupError(refusal(uname.release, False, uname.sysname))
+
+
 def check() -> None:
     """Raise a one-line :class:`SetupError` if this Linux cannot run nsmagic's cells."""
     try:
