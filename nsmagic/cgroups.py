@@ -238,14 +238,14 @@ def v2_place(h: Hierarchy, controllers: set[str]) -> Place:
     """
     group = kernel_group(h)
     setup = setup_of(h)
-    enabled = _words(os.path.join(group, "cgroup.subtree_control"))
-    if controllers <= enabled:  # a leaf move was done already, or G has no processes
-        return Place(setup, group, frozenset(), False)
     missing = controllers - _words(os.path.join(group, "cgroup.controllers"))
     if missing:
         raise PrivilegeError(_missing_words(missing, group, setup))
     if setup in ("v2-read-only", "v2-not-writable"):
         raise PrivilegeError(_unwritable_words(controllers, group, setup))
+    enabled = _words(os.path.join(group, "cgroup.subtree_control"))
+    if controllers <= enabled:  # a leaf move was done already, or G has no processes
+        return Place(setup, group, frozenset(), False)
     top = is_top(group)
     return Place(setup, group, frozenset(controllers - enabled),
                  leaf=not top and bool(_read(os.path.join(group, "cgroup.procs")).split()))
@@ -343,8 +343,7 @@ def _move_out(group: str, controllers) -> None:
         _mkdir(others, controllers, exist_ok=True)
         for pid in left:
             _move(pid, others, controllers)
-    raise SetupError(f"{_options(controllers)}: processes keep appearing in {group}, so it cannot "
-                     f"give controllers to a cgroup for the cell; try again")
+    # still not empty: enabling the controllers then fails, and says which processes stayed
 
 
 def _move(pid: int, leaf: str, controllers) -> None:
@@ -363,6 +362,11 @@ def _enable(group: str, names, controllers) -> None:
         with open(path, "w") as f:
             f.write(" ".join(f"+{n}" for n in sorted(names)))
     except OSError as e:
+        if e.errno == errno.EBUSY:
+            stayed = " ".join(_read(os.path.join(group, "cgroup.procs")).split()) or "none now"
+            raise SetupError(f"{_options(controllers)}: {group} still had processes that could not be "
+                             f"moved into a leaf (pids: {stayed}), so it cannot give controllers to a "
+                             f"cgroup for the cell; run the cell again") from None
         raise _privilege_or_setup(e, f"writing {' '.join('+' + n for n in sorted(names))} to {path}",
                                   controllers) from None
 

@@ -30,7 +30,8 @@ import pytest
 
 import rootless
 
-pytestmark = pytest.mark.vm
+# The one boot and everything in it count against the first test's timeout.
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400)]
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_IN_VM = REPO.parent / "shared" / "vm" / "run-in-vm"  # in CI too: shared/ is beside the clone
@@ -76,11 +77,13 @@ def guest():
         out.chmod(0o755)  # the guest's unprivileged users run the venv from here
         source = shutil.copytree(REPO, out / "src", ignore=rootless.SOURCE_IGNORE)
         python = rootless._build_venv(out / "venv", [*rootless.REQUIREMENTS, str(source)])
-        done = subprocess.run(
-            [str(RUN_IN_VM), "--cpus", "2", "--memory", "2G", "--rw", str(out), "--",
-             str(REPO / "tests" / "vm" / "run-guest"), str(REPO), str(out), sys.executable, str(python)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800)
-        log = done.stdout
+        with open(out / "vm.log", "w+") as log_file:  # tail it to follow the guest
+            done = subprocess.run(
+                [str(RUN_IN_VM), "--cpus", "2", "--memory", "2G", "--rw", str(out), "--",
+                 str(REPO / "tests" / "vm" / "run-guest"), str(REPO), str(out), sys.executable, str(python)],
+                stdout=log_file, stderr=subprocess.STDOUT, timeout=2100)
+            log_file.seek(0)
+            log = log_file.read()
         report = out / "guest.xml"
         if not report.exists():
             pytest.fail(f"the guest wrote no report (run-in-vm status {done.returncode}):\n{log[-6000:]}")

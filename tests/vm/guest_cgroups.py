@@ -203,7 +203,7 @@ def test_container_cgroup_namespace_as_root():
     os.mkdir(group)
     try:
         report = kernel(group, wrap="unshare --cgroup --mount --propagation private sh -c "
-                                    "'mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec \"$@\"' sh ")
+                                    "'umount -l /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec \"$@\"' sh ")
         assert report["setup"].startswith("cgroup v2, root in a service's or container's cgroup"), report
         assert report["before"] == "/"
         limited(report, ROOT)  # paths as the container sees them
@@ -214,10 +214,16 @@ def test_container_cgroup_namespace_as_root():
 
 
 def test_a_user_without_delegation_is_told_how_to_get_it():
+    """A login session's scope, as logind makes it: root's, with the user's processes in it."""
     enable(ROOT)
-    group = f"{ROOT}/user.slice"
-    os.makedirs(group, exist_ok=True)
-    report = kernel(group, uid=USER)
+    os.makedirs(f"{ROOT}/user.slice", exist_ok=True)
+    enable(f"{ROOT}/user.slice")
+    group = f"{ROOT}/user.slice/nsm-session.scope"
+    os.mkdir(group)
+    try:
+        report = kernel(group, uid=USER)
+    finally:
+        os.rmdir(group)
     error = report.get("error", "")
     assert error.startswith("PrivilegeError: --memory/--pids: no cgroup this kernel (uid 4242) may write to"), report
     assert "not writable" in error and "a cgroup this user may not write to" in error
