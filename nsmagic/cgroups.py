@@ -315,7 +315,7 @@ def settle(place: Place, controllers, own: str) -> None:
     The kernel goes alone into ``nsmagic-<pid>-kernel``; whatever else was in G (the Jupyter
     server, other kernels, a shell) into ``nsmagic-others``: G can enable controllers only once
     it holds no process. What these processes start later is born in their leaf. The changes are
-    recorded, so that the kernel's exit can undo them (:func:`_restore`); so is a kernel that
+    recorded, so that the kernel's exit can undo them (:func:`_restore`), also where the kernel
     found itself in a leaf already (one a killed kernel's leaf move put its Jupyter server in).
     """
     group = place.group
@@ -323,11 +323,18 @@ def settle(place: Place, controllers, own: str) -> None:
         _move_out(group, controllers)
     if place.enable:
         _enable(group, place.enable, controllers)
-    if place.leaf or place.enable or _LEAF.fullmatch(os.path.basename(os.path.normpath(own))):
-        mine = _changed.setdefault(group, set())
-        mine |= place.enable
-        if not _restore_registered:
-            _register_restore()
+    track(group, place.enable)
+
+
+def track(parent: str, enabled=frozenset()) -> None:
+    """Have the kernel's exit tidy *parent*: its own cells' cgroups, and what :func:`settle` did."""
+    _changed.setdefault(parent, set()).update(enabled)
+    if not _restore_registered:
+        _register_restore()
+
+
+def is_v2(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "cgroup.controllers"))
 
 
 def _move_out(group: str, controllers) -> None:
@@ -385,8 +392,9 @@ def _register_restore() -> None:
 
 
 def _restore() -> None:
-    """At the kernel's exit, put back what :func:`settle` changed, if no one else now needs it:
-    disable the controllers, move the processes back into G, remove the leaves.
+    """At the kernel's exit, remove what is left of its cells' cgroups, and put back what
+    :func:`settle` changed if no one else now needs it: disable the controllers, move the
+    processes back into G, remove the leaves.
 
     Where another kernel's cells still use G, or the kernel is killed and cannot run this, its
     leaf is left: empty once the kernel has gone, and removed by the next kernel's sweep (a leaf
@@ -396,6 +404,11 @@ def _restore() -> None:
     for group, enabled in list(_changed.items()):
         leaf = f"nsmagic-{me}-kernel"
         try:
+            # The last cell's cgroup may still be there: its clean-up runs in the background
+            # (a library caller may exit as soon as run() returns), and it is over now.
+            for name in os.listdir(group):
+                if re.fullmatch(rf"nsmagic-{me}-\d+", name):
+                    _remove(_Group(os.path.join(group, name), is_v2(group), set()))
             children = {d for d in os.listdir(group) if os.path.isdir(os.path.join(group, d))}
             if not children <= {leaf, _OTHERS}:
                 continue
@@ -469,6 +482,7 @@ class CgroupLimits(Part):
                 parent = h.own
                 _check_writable(parent, controllers)
                 _remove_stale(parent)
+                track(parent)
             group = _Group(os.path.join(parent, f"nsmagic-{os.getpid()}-{next(_names)}"), h.v2, controllers)
             _mkdir(group.path, controllers)
             self.groups.append(group)

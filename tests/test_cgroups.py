@@ -333,3 +333,17 @@ def test_limit_errors_give_advice_that_fits_the_set_up(tmp_path, monkeypatch):
     assert "Delegate=yes" not in plain and "cgroup.subtree_control, cgroup.threads" in plain
     for words in (ro, user, delegated, plain):
         assert "\n" not in words
+
+
+@pytest.mark.root
+def test_a_library_caller_that_exits_at_once_leaves_no_cgroup():
+    """The cell's cgroup is removed in the background; a process that exits right after run()
+    removes it at exit instead."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", "import os; from nsmagic import Namespaces, run\n"
+                           "print(os.getpid(), flush=True)\n"
+                           "run(os.getpid, namespaces=Namespaces(memory='64M', pids=10))"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ})
+    assert done.returncode == 0, done.stderr
+    assert cgroups_of(int(done.stdout.split()[0])) == []
