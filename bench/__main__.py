@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import socket
 import time
 import traceback
 from pathlib import Path
 
+from .boxes import box_create, box_round_trip, box_thousand, nslink
 from .core import Verdict, load, markdown, say
 from .heap import big_heap
 from .kernel_cells import many_net_cells, per_flag, round_trip
@@ -34,6 +37,10 @@ def main() -> None:
         "library": lambda: library(quick),
         "array_out": lambda: array_out(quick),
         "big_heap": lambda: big_heap(quick, gib),
+        "box_round_trip": lambda: box_round_trip(quick),
+        "box_create": lambda: box_create(quick),
+        "nslink": lambda: nslink(quick),
+        "box_thousand": lambda: box_thousand(quick),
     }
     chosen = args.only or list(targets)
     unknown = set(chosen) - set(targets)
@@ -62,11 +69,22 @@ def main() -> None:
         say(f"  ({time.perf_counter() - t:.1f} s)")
         verdicts += got
 
-    table = markdown(verdicts, "full" if args.full else "quick", time.perf_counter() - start, load_before)
+    mode = "full" if args.full else "quick"
+    table = markdown(verdicts, mode, time.perf_counter() - start, load_before)
     RESULTS.mkdir(exist_ok=True)
+    dated = RESULTS / result_name(mode)
+    dated.write_text(table)
     (RESULTS / "latest.md").write_text(table)
     print()
     print(table, end="")
+    say(f"written to {dated} (and {RESULTS / 'latest.md'})")
+
+
+def result_name(mode: str) -> str:
+    """``YYYY-MM-DD-HHMM-<host>-<mode>.md``: each run keeps its own dated record, named for the
+    machine it measured, beside the others (docs/performance.md reads them)."""
+    host = socket.gethostname().split(".")[0] or "host"
+    return f"{datetime.datetime.now().strftime('%Y-%m-%d-%H%M')}-{host}-{mode}.md"
 
 
 if __name__ == "__main__":

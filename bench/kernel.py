@@ -44,8 +44,9 @@ class Kernel:
     history goes to a file of the run's own, so the bench leaves the user's history alone.
     """
 
-    def __init__(self, timeout: float = 60):
+    def __init__(self, timeout: float = 60, env: dict | None = None):
         self.timeout = timeout
+        self.env = env
 
     def __enter__(self) -> "Kernel":
         self.km = KernelManager(kernel_name="python3")
@@ -53,7 +54,7 @@ class Kernel:
         self.history = tempfile.TemporaryDirectory(prefix="nsmagic-bench-")
         hist_file = os.path.join(self.history.name, "history.sqlite")
         with open(LOG, "a") as log:  # the kernel keeps its own copy of the descriptor
-            self.km.start_kernel(stdout=log, stderr=log,
+            self.km.start_kernel(stdout=log, stderr=log, env=self.env,
                                  extra_arguments=[f"--HistoryManager.hist_file={hist_file}"])
         try:
             self.kc = self.km.client()

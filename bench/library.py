@@ -45,8 +45,8 @@ def unshare_python(path: str, site: bool):
 
     Without is the baseline the target is judged on: the start-up hooks of site-packages belong
     to an environment, not to Python, and here they would flatter nsmagic. Its own editable
-    install adds a .pth hook that imports pathlib and importlib.util (about 20 ms a start), and
-    this machine adds another for its proxy's certificates (about 10 ms)."""
+    install adds a .pth hook that imports pathlib and importlib.util at every start, and a
+    machine may add others (a proxy's certificates)."""
     unshare = shutil.which("unshare")
     if unshare is None:
         return None

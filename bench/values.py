@@ -14,7 +14,7 @@ N = {SIZE} // 8
 
 def _bench_array():
     # Every page written at memory speed: what is timed is moving the array, not making its
-    # numbers (a random generator alone runs at about 2.5 GB/s here).
+    # numbers (a random generator alone is slower than the copy being measured).
     return np.full(N, 1.5)
 
 def _bench_inband():

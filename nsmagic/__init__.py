@@ -13,7 +13,13 @@ Without IPython, :func:`run` calls a function and :func:`run_code` runs a code s
 with the namespaces of a :class:`Namespaces` request.
 """
 
-from .errors import (
+from .linux import check_system
+
+check_system()  # before the modules that load Linux's system calls: one line on macOS, not a traceback
+
+from .box import Box  # noqa: E402
+from .errors import (  # noqa: E402
+    BoxDied,
     CellError,
     CellTimeout,
     ChildDied,
@@ -24,10 +30,6 @@ from .errors import (
     ProtocolError,
     SetupError,
 )
-from .linux import check_system
-
-check_system()  # before the modules that load Linux's system calls: one line on macOS, not a traceback
-
 from .outcome import Result  # noqa: E402
 from .runner import Sinks, execute, run, run_code
 from .spec import Namespaces
@@ -36,7 +38,7 @@ from .syscalls import CloneFlag
 __version__ = "0.1.0"
 
 __all__ = [
-    "CellError", "CellTimeout", "ChildDied", "CloneFlag", "Namespaces", "NsmagicError",
+    "Box", "BoxDied", "CellError", "CellTimeout", "ChildDied", "CloneFlag", "Namespaces", "NsmagicError",
     "OptionError", "OutputError", "PrivilegeError", "ProtocolError", "Result", "SetupError",
     "Sinks", "execute", "run", "run_code", "load_ipython_extension",
 ]
@@ -53,9 +55,11 @@ def load_ipython_extension(ipython) -> None:
 
 
 def unload_ipython_extension(ipython) -> None:
-    """``%unload_ext nsmagic``: remove the magics again."""
+    """``%unload_ext nsmagic``: stop the boxes and remove the magics again."""
+    from .box import stop_all
     from .magics import InNamespaceMagics
 
+    stop_all()
     for kind, names in InNamespaceMagics.magics.items():
         for name in names:
             ipython.magics_manager.magics[kind].pop(name, None)

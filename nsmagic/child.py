@@ -56,7 +56,7 @@ class Plan:
     gid: int
     #: The namespace the job's code runs in, whose classes and functions travel back by reference.
     namespace: dict | None = None
-    #: The environment's parts (see nsmagic.parts).
+    #: The environment's parts (see nsmagic.environment).
     parts: list = field(default_factory=list)
     #: Whether to report each step for ``--explain``.
     explain: bool = False
@@ -165,6 +165,10 @@ def _make_stdio():
 
 _inherited: list = []
 
+#: The kernel's own ends of the channels of its boxes: a child closes them first, or it would
+#: keep a box's socket open after the kernel closed it (and the box would never see the end).
+held_by_kernel: set[int] = set()
+
 try:
     _stdio = _make_stdio()
 except OSError:  # fds 0-2 closed in this process (a daemon): make them in each child instead
@@ -183,6 +187,11 @@ def _rewire(plan: Plan) -> None:
         os.setpgid(0, 0)
     except OSError:
         pass
+    for fd in held_by_kernel:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(plan.stdout, 1)
@@ -219,7 +228,8 @@ def _become_middle_or_worker(plan: Plan) -> None:
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for fd in (0, 1, 2, plan.control, plan.answers, plan.memfd):
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
     while True:
         try:
             _, status = os.waitpid(worker, 0)
@@ -332,25 +342,37 @@ def _children() -> list[int]:
 def _work(plan: Plan) -> int:
     channel = Channel(plan.control, plan.answers)
     if plan.explain:
-        protocol.send_obj(plan.control, Kind.EXPLAIN, {
-            "calls": steps.log, "inodes": inodes(), "ids": (os.getpid(), os.getuid(), os.getgid()),
-        })
-        protocol.recv_blocking(plan.answers)
+        explain_steps(channel, steps.log)
     outcome = plan.job(channel)
+    if outcome is None:  # a box: it reported each of its cells itself
+        return 0
     _signal.signal(signal.SIGINT, _signal.SIG_IGN)  # the cell is over: nothing left to interrupt
-    packer = Packer(plan.memfd, plan.namespace)
-    report = make_report(outcome, plan.outputs, packer)
+    send_report(channel, plan.memfd, outcome, plan.outputs, plan.namespace)
+    return 0
+
+
+def explain_steps(channel: Channel, calls) -> None:
+    """Show the steps done and this process's namespaces (``--explain``); wait until shown."""
+    protocol.send_obj(channel.control, Kind.EXPLAIN, {
+        "calls": calls or [], "inodes": inodes(), "ids": (os.getpid(), os.getuid(), os.getgid()),
+    })
+    protocol.recv_blocking(channel.answers)
+
+
+def send_report(channel: Channel, memfd: int, outcome: Outcome, outputs: list[str], namespace) -> None:
+    """Send the cell's report; if it has large pieces, stay until the kernel has them."""
+    packer = Packer(memfd, namespace)
+    report = make_report(outcome, outputs, packer)
     channel.flush()
-    protocol.send_obj(plan.control, Kind.DONE, report)
+    protocol.send_obj(channel.control, Kind.DONE, report)
     if report.parked is not None:  # the kernel copies them out of this process: stay until it has
         try:
-            _, answer = protocol.recv_blocking(plan.answers)
+            _, answer = protocol.recv_blocking(channel.answers)
         except EOFError:  # the kernel gave up on this cell
-            return 0
+            return
         if answer == b"push":
             packer.push()
-            protocol.send(plan.control, Kind.PUSHED)
-    return 0
+            protocol.send(channel.control, Kind.PUSHED)
 
 
 def _report_setup_failure(plan: Plan, e: "steps.StepFailed") -> None:
@@ -366,7 +388,7 @@ def _warm_report_path() -> None:
 
     Python 3.11 rewrites a function's bytecode in place once the function has run a few times
     (later versions count per instruction). A child runs this code once, so it would do that
-    rewriting itself, and copy each page it writes, in every cell (about 40 us a child here)."""
+    rewriting itself, and copy each page it writes, in every cell."""
     packer = Packer(-1)
     for _ in range(10):
         protocol.dumps(make_report(Outcome(value=1), [], packer))

@@ -4,8 +4,8 @@ Container runtimes start a container's first process with one call,
 ``clone(child_fn, stack, CLONE_NEWNET|CLONE_NEWPID|...|SIGCHLD, arg)``. nsmagic makes the same
 process, but from a live, multi-threaded Python kernel, where a raw clone through ctypes is
 unsafe: Python bytecode would run in the child before ``PyOS_AfterFork_Child()`` (the child can
-then wait forever for a GIL owned by a thread that does not exist; measured: one hang in 300
-cells), and glibc's fork handlers (malloc arenas, the cached thread id) would be skipped.
+then wait forever for a GIL owned by a thread that does not exist, which a soak of a few hundred
+cells hits), and glibc's fork handlers (malloc arenas, the cached thread id) would be skipped.
 
 glibc's ``fork()``, which ``os.fork()`` calls, *is* the clone(2) system call with those handlers,
 so nsmagic uses it and applies the flags where Linux allows each:
@@ -34,7 +34,7 @@ import warnings
 
 from . import child as child_module
 from .errors import PrivilegeError
-from .history import stop_saving_threads
+from .shell import stop_saving_threads
 from .syscalls import CloneFlag, advice, open_readonly, setns, unshare
 
 
@@ -52,7 +52,7 @@ def spawn(plan: "child_module.Plan", log: list | None = None, started=None) -> i
     wrong, so that the caller can always stop it. With a *log*, the kernel's own system calls
     are noted there for ``--explain``."""
     note = log.append if log is not None else (lambda entry: None)
-    stop_saving_threads()  # while an interrupt can still stop the wait (see nsmagic.history)
+    stop_saving_threads()  # while an interrupt can still stop the wait (see nsmagic.shell)
     with _interrupt_deferred():
         return _spawn(plan, note, log, started)
 
@@ -132,7 +132,7 @@ class _interrupt_deferred:
 
 def fork() -> int:
     """``os.fork()`` for the kernel's own short-lived probes (``%nsinfo``), with IPython's
-    history thread first stopped safely (see nsmagic.history) and without 3.12's warning."""
+    history thread first stopped safely (see nsmagic.shell) and without 3.12's warning."""
     stop_saving_threads()
     return _fork()
 

@@ -30,6 +30,16 @@ class SetupError(NsmagicError, OSError):
     """A set-up step in the child (a mount, a uid map, a hostname) failed before the cell ran."""
 
 
+class StepFailed(Exception):
+    """A set-up step failed in the child, before the cell ran: the system call as it was made, its
+    errno, and words saying what to do. The child sends it back as a small record, and the
+    kernel raises it as :class:`SetupError` or :class:`PrivilegeError`."""
+
+    def __init__(self, step: str, err: int, message: str):
+        super().__init__(f"{step}: {message}")
+        self.step, self.errno, self.message = step, err, message
+
+
 class ChildDied(NsmagicError):
     """The child ended without reporting a result: it exited early, crashed or was killed."""
 
@@ -46,10 +56,28 @@ class ChildDied(NsmagicError):
             self.signal, self.exitcode = None, code
         if reason:
             how = f"{how}: {reason}"
-        super().__init__(
-            f"the cell's child process (pid {pid}) {how} before the cell finished; "
-            "nothing it computed came back"
-        )
+        self.how = how
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return (f"the cell's child process (pid {self.pid}) {self.how} before the cell finished; "
+                "nothing it computed came back")
+
+
+class BoxDied(ChildDied):
+    """A box's process ended: during a cell, between cells, or while it was being set up. Its
+    state is lost, and its name is free for a new box."""
+
+    def __init__(self, name: str, pid: int, status: int, reason: str | None = None, *,
+                 idle: bool = False, starting: bool = False):
+        self.box, self.idle, self.starting = name, idle, starting
+        super().__init__(pid, status, reason)
+
+    def _message(self) -> str:
+        when = ("while it was being set up" if self.starting
+                else "between cells" if self.idle else "during this cell")
+        return (f"box {self.box!r} (pid {self.pid}) {self.how}, {when}; its state is lost, and the "
+                f"name is free: the next --name {self.box} makes a new box")
 
 
 class CellTimeout(NsmagicError, TimeoutError):

@@ -11,13 +11,16 @@ import html
 import os
 from dataclasses import dataclass, field
 
-NAMESPACES = ("mnt", "uts", "ipc", "net", "pid", "user", "cgroup", "time")
+from .kinds import KINDS
+
+#: /proc/self/ns names, in the table's order.
+_NAMES = tuple(k.proc for k in KINDS)
 
 
 def inodes() -> dict[str, str]:
     """This process's namespaces, as ``/proc/self/ns`` names them (``net:[4026531840]``)."""
     out = {}
-    for name in NAMESPACES:
+    for name in _NAMES:
         try:
             out[name] = os.readlink(f"/proc/self/ns/{name}")
         except OSError:
@@ -38,7 +41,7 @@ class Explanation:
     joined: set[str] = field(default_factory=set)
 
     def _rows(self):
-        for name in NAMESPACES:
+        for name in _NAMES:
             k, c = self.kernel.get(name, "-"), self.cell.get(name, "-")
             yield name, k, c, "shared" if k == c else "joined" if name in self.joined else "new"
 

@@ -12,16 +12,10 @@ import html
 import os
 from dataclasses import dataclass, field
 
+from . import mountinfo
 from .clone import fork
-from .syscalls import NS_FILE, NS_WORDS, CloneFlag, unshare
-
-_LETTER = {
-    CloneFlag.NEWNS: "-m", CloneFlag.NEWUTS: "-u", CloneFlag.NEWIPC: "-i", CloneFlag.NEWNET: "-n",
-    CloneFlag.NEWPID: "-p", CloneFlag.NEWUSER: "-U", CloneFlag.NEWCGROUP: "-C", CloneFlag.NEWTIME: "-T",
-}
-_ORDER = [CloneFlag.NEWNS, CloneFlag.NEWUTS, CloneFlag.NEWIPC, CloneFlag.NEWNET, CloneFlag.NEWPID,
-          CloneFlag.NEWUSER, CloneFlag.NEWCGROUP, CloneFlag.NEWTIME]
-
+from .kinds import BY_FLAG, KINDS, CloneFlag
+from .syscalls import unshare
 
 @dataclass
 class Kind:
@@ -33,7 +27,7 @@ class Kind:
 
     @property
     def name(self) -> str:
-        return NS_FILE[self.flag]
+        return BY_FLAG[self.flag].proc
 
     @property
     def status(self) -> str:
@@ -48,7 +42,7 @@ class Kind:
         if self.direct:
             return ""
         if self.with_user:
-            return f"add -r: {NS_WORDS[self.flag]} namespaces need CAP_SYS_ADMIN, which -r gives inside a user namespace"
+            return f"add -r: {BY_FLAG[self.flag].words} namespaces need CAP_SYS_ADMIN, which -r gives inside a user namespace"
         if self.limit == 0:
             return f"/proc/sys/user/max_{self.name}_namespaces is 0: raise it (sysctl user.max_{self.name}_namespaces)"
         if self.flag == CloneFlag.NEWTIME and not os.path.exists("/proc/self/ns/time"):
@@ -69,7 +63,7 @@ class Info:
 
     def _repr_html_(self) -> str:
         rows = "".join(
-            f"<tr><td><code>{k.name}</code></td><td><code>{_LETTER[k.flag]}</code></td>"
+            f"<tr><td><code>{k.name}</code></td><td><code>{BY_FLAG[k.flag].letter}</code></td>"
             f"<td><code>{html.escape(k.inode)}</code></td><td>{k.status}</td>"
             f"<td>{_limit(k)}</td><td>{html.escape(k.hint)}</td></tr>"
             for k in self.kinds
@@ -89,7 +83,7 @@ class Info:
         lines = [f"nsmagic: what this kernel (uid {self.uid}) can isolate, probed just now",
                  f"{'namespace':<10} {'flag':<4} {'kernel inode':<20} {'create':<8} {'limit':<8} hint"]
         for k in self.kinds:
-            lines.append(f"{k.name:<10} {_LETTER[k.flag]:<4} {k.inode:<20} {k.status:<8} {_limit(k):<8} {k.hint}")
+            lines.append(f"{k.name:<10} {BY_FLAG[k.flag].letter:<4} {k.inode:<20} {k.status:<8} {_limit(k):<8} {k.hint}")
         lines.append(f"cgroups: {self.cgroup}")
         lines.append(f"cgroup limits: {self.cgroup_setup}")
         lines += [f"{n}: {v}" for n, v in self.settings.items()]
@@ -104,19 +98,20 @@ def _limit(kind: Kind) -> str:
 def probe() -> Info:
     """Probe every namespace kind; takes a few milliseconds per kind."""
     kinds = []
-    for flag in _ORDER:
-        limit = _read_int(f"/proc/sys/user/max_{NS_FILE[flag]}_namespaces")
+    for kind in KINDS:
+        flag = kind.flag
+        limit = _read_int(f"/proc/sys/user/max_{kind.proc}_namespaces")
         direct = _can_unshare(flag)
         with_user = direct or (flag != CloneFlag.NEWUSER and _can_unshare(flag, in_user=True))
         kinds.append(Kind(flag, _inode(flag), direct, with_user, limit))
-    from .cgroups import describe
+    from .environment.cgroups import describe
 
     return Info(os.geteuid(), kinds, cgroup_version(), _settings(), describe())
 
 
 def _inode(flag: CloneFlag) -> str:
     try:
-        return os.readlink(f"/proc/self/ns/{NS_FILE[flag]}")
+        return os.readlink(f"/proc/self/ns/{BY_FLAG[flag].proc}")
     except OSError:
         return "(none)"
 
@@ -142,15 +137,12 @@ def cgroup_version() -> str:
     """``v2``, ``v1`` or ``hybrid``, with the controllers' whereabouts."""
     unified = {}
     v1 = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            fstype, point, opts = fields[sep + 1], fields[4], fields[sep + 3]
-            if fstype == "cgroup2":
-                unified[point] = point
-            elif fstype == "cgroup":
-                v1 += [o for o in opts.split(",") if o not in ("rw", "ro", "relatime", "nosuid", "nodev", "noexec")]
+    for m in mountinfo.read():
+        if m.fstype == "cgroup2":
+            unified[m.point] = m.point
+        elif m.fstype == "cgroup":
+            v1 += [o for o in m.super_options.split(",")
+                   if o not in ("rw", "ro", "relatime", "nosuid", "nodev", "noexec")]
     if v1 and unified:
         return f"hybrid: v1 controllers ({', '.join(sorted(set(v1)))}) and a v2 mount at {', '.join(unified)}"
     if v1:

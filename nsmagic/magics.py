@@ -16,9 +16,10 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Float, Unicode
 
-from . import info, runner
-from .cell import cell_job
+from . import box as box_module, info, link as link_module, listing, runner
 from .errors import OptionError
+from .kinds import JOINABLE
+from .shell import box_executor, cell_job, compile_cell
 from .spec import Namespaces
 
 
@@ -37,6 +38,23 @@ def _offset(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+
+
+def _box_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a box name: use letters, digits, '.', '_' or '-' (at most 64), "
+            "starting with a letter or digit")
+    return text
+
+
+def _split_options(line: str) -> list[str]:
+    import shlex
+
+    try:
+        return shlex.split(line)
+    except ValueError as e:
+        raise UsageError(f"could not read {line!r}: {e}") from None
 
 
 def _names(text: str) -> list[str]:
@@ -155,7 +173,13 @@ class InNamespaceMagics(Magics):
               help="first show each system call made for the cell and the kernel's and the cell's "
               "namespaces side by side")
     @argument("--timeout", metavar="SECONDS", type=_seconds,
-              help="kill the cell's child and its namespaces after SECONDS")
+              help="kill the cell's child and its namespaces after SECONDS (in a box: interrupt the cell)")
+    @argument("--name", metavar="BOX", type=_box_name,
+              help="run in box BOX, a container that lives across cells with its own Python state: "
+              "the first use makes it with this cell's options, later cells run in it (%%nsls, %%nsstop)")
+    @argument("--in", metavar="NAMES", dest="inputs", type=_names, action="append", default=[],
+              help="(with --name) comma-separated kernel variables to copy into the box before the cell "
+              "(repeatable)")
     @argument("code", nargs="*", help="(line magic only) the Python statement to run")
     @line_cell_magic
     def innamespace(self, line: str, cell: str | None = None):
@@ -194,10 +218,7 @@ class InNamespaceMagics(Magics):
                 user=args.user, cgroup=args.cgroup, time=args.time,
                 map_root_user=args.map_root_user, mount_proc=args.mount_proc,
                 hostname=args.hostname, monotonic=args.monotonic, boottime=args.boottime,
-                lo=args.lo, veth=args.veth, join={
-                    kind: getattr(args, f"join_{kind}") for kind in ("net", "uts", "ipc", "mnt", "pid", "user")
-                    if getattr(args, f"join_{kind}") is not None
-                },
+                lo=args.lo, veth=args.veth, join=self._joins(args),
                 memory=args.memory, pids=args.pids, cpus=args.cpus,
                 tmpfs=list(args.tmpfs), bind=list(args.bind), ro_bind=list(args.ro_bind), rootfs=args.rootfs,
             )
@@ -205,19 +226,120 @@ class InNamespaceMagics(Magics):
             raise UsageError(str(e)) from None
         outputs = [name for group in args.out for name in group]
         timeout = args.timeout or self.default_timeout or None
-        job = cell_job(self.shell, code, shown_source=shown_source, line_offset=line_offset)
-        try:
-            result = runner.execute(job, spec, outputs=outputs, timeout=timeout,
-                                    sinks=NotebookSinks(), grace=self.grace_period,
-                                    namespace=self.shell.user_ns, explain=args.explain)
-        except OptionError as e:  # a value only a part could check (a missing rootfs, a bad CIDR)
-            raise UsageError(str(e)) from None
+        if args.name is not None:
+            result = self._in_box(args, spec, code, shown_source, line_offset, outputs, timeout)
+        else:
+            if args.inputs:
+                raise UsageError("--in copies variables into a box: it goes with --name BOX (a one-shot "
+                                 "cell already sees every variable of the kernel)")
+            job = cell_job(self.shell, code, shown_source=shown_source, line_offset=line_offset)
+            try:
+                result = runner.execute(job, spec, outputs=outputs, timeout=timeout,
+                                        sinks=NotebookSinks(), grace=self.grace_period,
+                                        namespace=self.shell.user_ns, explain=args.explain)
+            except OptionError as e:  # a value only a part could check (a missing rootfs, a bad CIDR)
+                raise UsageError(str(e)) from None
         if result.values:
             self.shell.push(result.values)
         result.raise_for_errors()
         if result.bundle is not None:
             return ChildValue(result.bundle)
         return result.value
+
+    def _joins(self, args) -> dict[str, str]:
+        """The --join-KIND targets, with a box's name standing for its namespace."""
+        joins = {}
+        for kind in JOINABLE:
+            target = getattr(args, f"join_{kind}")
+            if target is None:
+                continue
+            found = box_module.get(target)
+            if found is not None:
+                if found.state == box_module.DEAD:
+                    raise UsageError(f"--join-{kind} {target}: box {target!r} has ended ({found.death})")
+                target = f"/proc/{found.worker}/ns/{kind}"
+            joins[kind] = target
+        return joins
+
+    def _in_box(self, args, spec: Namespaces, code: str, shown_source: str, line_offset: int,
+                outputs: list[str], timeout):
+        """Run the cell in box ``--name``, making it first if it does not exist."""
+        inputs = {}
+        for name in (n for group in args.inputs for n in group):
+            if name not in self.shell.user_ns:
+                raise UsageError(f"--in {name}: the kernel has no variable {name!r}")
+            inputs[name] = self.shell.user_ns[name]
+        found = box_module.get(args.name)
+        if found is not None and found.state == box_module.DEAD:  # it ended between cells
+            box_module.forget(found)
+            raise found.death_error
+        if found is not None:
+            conflicts = box_module.conflicts(spec, found.spec)
+            if conflicts:
+                raise UsageError(f"box {args.name!r} was made with {found.spec.describe()}; this cell asks "
+                                 f"for {', '.join(conflicts)}. A box's options are fixed when it is made: "
+                                 f"drop them (options may be omitted on later cells), or %nsstop {args.name} "
+                                 "and make it again")
+        prepared = compile_cell(self.shell, code, shown_source=shown_source, line_offset=line_offset)
+        try:
+            request = box_module.Box.request(prepared, shown_source, inputs=inputs, outputs=outputs,
+                                             explain=args.explain and found is not None)
+        except Exception as e:
+            raise UsageError(f"--in: could not pickle the variables for box {args.name!r}: {e}") from None
+        sinks = NotebookSinks()
+        try:
+            if found is None:
+                found = box_module.Box(spec, name=args.name, sinks=sinks, grace=self.grace_period,
+                                       timeout=timeout, explain=args.explain, executor=box_executor(self.shell))
+            return found.execute(request, timeout=timeout, sinks=sinks, namespace=self.shell.user_ns)
+        except OptionError as e:
+            raise UsageError(str(e)) from None
+
+    @line_magic
+    def nsls(self, line: str = ""):
+        """List the live boxes of this kernel: name, host PID (of the process that runs the
+        box's cells), state, namespaces, uptime, processes, memory, and the ``nsenter`` line a
+        terminal user types to enter the box."""
+        if line.strip():
+            raise UsageError("%nsls takes no arguments")
+        return listing.table(box_module.boxes().values())
+
+    @line_magic
+    def nsstop(self, line: str = ""):
+        """``%nsstop NAME...`` or ``%nsstop --all``: end boxes and everything in them; their
+        links, cgroups and mounts are removed."""
+        names = _split_options(line)
+        if not names:
+            raise UsageError("%nsstop needs the names of boxes to stop, or --all (see %nsls)")
+        known = box_module.boxes()
+        if names == ["--all"]:
+            names = list(known)
+        for name in names:
+            if name not in known:
+                hint = f"live boxes: {', '.join(known)}" if known else "there are no boxes"
+                raise UsageError(f"%nsstop {name}: no box is named {name!r} ({hint})")
+        for name in names:
+            box = known[name]
+            pid = box.worker
+            box.stop()
+            print(f"stopped box {name!r} (pid {pid})")
+
+    @line_magic
+    def nslink(self, line: str = ""):
+        """``%nslink A B [ADDR_A ADDR_B]``: a veth pair between the network namespaces of boxes A
+        and B, both ends up, with the addresses given (CIDR) or a free link-local /30."""
+        words = _split_options(line)
+        if len(words) not in (2, 4):
+            raise UsageError("%nslink takes two box names and optionally an address for each: "
+                             "%nslink A B [ADDR_A/PREFIX ADDR_B/PREFIX]")
+        known = box_module.boxes()
+        for name in words[:2]:
+            if name not in known or known[name].state == box_module.DEAD:
+                raise UsageError(f"%nslink: no live box is named {name!r} (see %nsls)")
+        try:
+            return link_module.link(known[words[0]], known[words[1]], *words[2:])
+        except OptionError as e:
+            raise UsageError(str(e)) from None
 
     @line_magic
     def nsinfo(self, line: str = ""):
@@ -230,8 +352,9 @@ class InNamespaceMagics(Magics):
         """The meaning of an option line, parsed once per distinct line and kept (at most
         256 lines; the parse is pure, and the result is only read). A notebook repeats the same
         few lines, and argparse walks all of this magic's options: right after the previous
-        cell's fork, each object it touches costs the kernel a page fault (README, "What a cell
-        costs"). With each cell compiled once (nsmagic.source), about 0.2 ms a cell here."""
+        cell's fork, each object it touches costs the kernel a page fault (docs/performance.md).
+        Together with each cell compiled once (nsmagic.source), this keeps a repeated line off
+        every cell's path."""
         cache = self.__dict__.setdefault("_parsed", {})
         args = cache.get(options)
         if args is None:

@@ -47,6 +47,10 @@ class Kind(enum.IntEnum):
     IOPUB = 9
     #: Child to kernel: the parked pieces are in the memfd now.
     PUSHED = 10
+    #: Kernel to box: run a cell (see nsmagic.box); the cell's memfd comes with it.
+    RUN = 11
+    #: Box to kernel: my namespaces and set-up are done; I wait for cells.
+    STARTED = 12
     #: Kernel to child: the answer to INPUT: (ok, text or reason); empty after DISPLAY and
     #: CLEAR_OUTPUT, READY, EXPLAIN and IOPUB, to say they are done (b"no" after a failed READY);
     #: after DONE, see there.
@@ -56,6 +60,20 @@ class Kind(enum.IntEnum):
 #: A plain dict lookup, not ``Kind(n)``: enum's call path touches a dozen objects, and every
 #: page touched right after a fork is a page copied.
 _KIND_OF = {int(kind): kind for kind in Kind}
+
+
+HEADER_SIZE = _HEADER.size
+
+
+def header(kind: Kind, length: int) -> bytes:
+    return _HEADER.pack(kind, length)
+
+
+def parse_header(data: bytes) -> tuple[Kind, int]:
+    kind, length = _HEADER.unpack(data)
+    if kind not in _KIND_OF:
+        raise ProtocolError(f"a frame of unknown kind {kind}")
+    return _KIND_OF[kind], length
 
 
 def send(fd: int, kind: Kind, payload: bytes = b"") -> None:
@@ -123,12 +141,11 @@ class FrameReader:
 
 def recv_blocking(fd: int) -> tuple[Kind, bytes]:
     """Read exactly one frame from a blocking pipe (the child's side of ANSWER)."""
-    header = _read_exact(fd, _HEADER.size)
-    kind, length = _HEADER.unpack(header)
-    return _KIND_OF[kind], _read_exact(fd, length)
+    kind, length = parse_header(read_exact(fd, _HEADER.size))
+    return kind, read_exact(fd, length)
 
 
-def _read_exact(fd: int, n: int) -> bytes:
+def read_exact(fd: int, n: int) -> bytes:
     chunks = []
     while n:
         chunk = os.read(fd, n)

@@ -3,36 +3,33 @@
 This module and those under it do not import IPython: :func:`run` and :func:`run_code` work in
 any Python program. The magic (:mod:`nsmagic.magics`) is a thin layer on :func:`execute`.
 
-One loop in the calling thread waits on everything the child can do: write to stdout or stderr,
-send a frame (display data, a question for ``input()``, its report), or exit (a pidfd). Nothing
-sleeps or polls on a timer, and the pipes are always drained, so a child printing 50 MB never
-blocks on a full pipe while the kernel waits for something else.
+A run is made of four pieces, each in its own module so that boxes (long-lived children that
+run many cells, :mod:`nsmagic.box`) use the same ones: the child handle (:mod:`nsmagic.handle`),
+the loop that passes on its streams and frames (:mod:`nsmagic.pump`), what each frame means
+(:mod:`nsmagic.dispatch`), and the stop ladder (:func:`stop`).
 """
 
 from __future__ import annotations
 
-import codecs
 import errno
 import os
-import select
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import explain, protocol, source, syscalls
+from . import explain, source, syscalls
 from .child import Channel, Plan, two_stage
-from .clone import pid_namespace_in_kernel, reaper, spawn
-from .errors import CellTimeout, ChildDied, OptionError, PrivilegeError, SetupError
+from .clone import pid_namespace_in_kernel, spawn
+from .dispatch import Conversation
+from .errors import CellTimeout, ChildDied, OptionError, PrivilegeError, ProtocolError
+from .handle import Child
 from .outcome import Outcome, Result, capture, rebuild
-from .parts import annotate_all, build as build_parts, cleanup_all, prepare_all
-from .protocol import FrameReader, Kind
+from .environment import annotate_all, build as build_parts, cleanup_all, prepare_all
+from .pump import Pump, StreamDecoder
 from .spec import Namespaces
 from .syscalls import CAP_SYS_ADMIN, CloneFlag, advice, has_capability
 from .values import Unpacker
-
-_CHUNK = 1 << 16
 
 #: Seconds the kernel waits for a SIGKILLed child to end before it leaves it to the reaper.
 KILL_WAIT = 5.0
@@ -92,7 +89,7 @@ class Sinks:
         """Flush what this run wrote, so that it is shown before anything published next.
 
         Only then: a flush of ipykernel's streams waits for its IO thread (stdout and stderr,
-        before and after a run, cost an empty cell about 1.3 ms)."""
+        before and after a run, would be most of an empty cell's cost)."""
         if not self._written:
             return
         self._written = False
@@ -182,18 +179,59 @@ def run_code(code: str, namespaces: Namespaces | None = None, *, globals: dict |
     return result
 
 
-@dataclass
-class _Pipe:
-    read: int
-    write: int
+def open_pipes(count: int) -> list[tuple[int, int]]:
+    """*count* close-on-exec pipes, ``(read, write)`` each."""
+    return [syscalls.pipe() for _ in range(count)]
 
 
-def _pipe() -> _Pipe:
-    return _Pipe(*syscalls.pipe())
+def stop(child: Child, pump: Pump, conversation: Conversation | None, first: int, grace: float) -> None:
+    """Stop *child* and everything in its namespaces, passing on its output meanwhile.
+
+    PID 1 of a PID namespace ignores signals it has no handler for, but the child keeps
+    Python's SIGINT handler, so SIGINT first lets the cell's ``finally`` blocks run; after
+    *grace* seconds, SIGKILL, which always works and takes the whole namespace with it, though
+    only once the child is out of the kernel: one stuck in an uninterruptible call (a dead NFS
+    server, a frozen cgroup) is left to the reaper after :data:`KILL_WAIT` seconds, so that the
+    kernel goes on.
+    """
+    if child.done:
+        return
+    if child.pidfd < 0:  # interrupted between fork and the pump: it has run nothing yet
+        child.signal(signal.SIGKILL)
+        child.reap()
+        return
+    if pump is None:  # nothing of it to pass on
+        child.signal(signal.SIGKILL)
+        if child.wait(KILL_WAIT):
+            child.reap()
+        else:
+            child.leave_to_reaper()
+        return
+    if conversation is not None:
+        conversation.stopping = True
+    exited = lambda: pump.exited  # noqa: E731
+    try:
+        if first == signal.SIGINT and grace > 0:
+            child.signal(signal.SIGINT)
+            if pump.run(exited, time.monotonic() + grace):
+                child.reap()
+                return
+        child.signal(signal.SIGKILL)
+        if pump.run(exited, time.monotonic() + KILL_WAIT):
+            child.reap()
+        else:
+            child.leave_to_reaper()
+    except KeyboardInterrupt:  # interrupted again while waiting: no more waiting here
+        child.signal(signal.SIGKILL)
+        child.leave_to_reaper()
+        raise
+    except ProtocolError:  # a garbled frame while stopping: it is being killed anyway
+        child.signal(signal.SIGKILL)
+        child.leave_to_reaper()
 
 
 class _Run:
-    """One child, from fork to reaping."""
+    """One one-shot child, from fork to reaping."""
 
     def __init__(self, job, spec: Namespaces, outputs: list[str], timeout, sinks: Sinks, grace: float,
                  namespace: dict | None, explain: bool = False):
@@ -204,335 +242,116 @@ class _Run:
         self.timeout = timeout
         self.job = job
         self.parts = build_parts(spec)
-        self.pid = 0
-        self.pidfd = -1
-        self.settled = False
-        self.reaped = False
-        self.reader = FrameReader()
-        self.decoders = {}
-        self.unpacker: Unpacker | None = None
-        self.pushed = None  # a report whose pieces the child is writing into the memfd
+        self.child: Child | None = None
 
     def run(self) -> Result:
         prepare_all(self.parts)
         opened: list[int] = []  # every fd of this run, closed at the end whatever happens
+        pump = conversation = None
         try:
-            out, err, ctl, ans = _pipe(), _pipe(), _pipe(), _pipe()
-            opened += [out.read, out.write, err.read, err.write, ctl.read, ctl.write, ans.read, ans.write]
+            (out_r, out_w), (err_r, err_w), (ctl_r, ctl_w), (ans_r, ans_w) = pipes = open_pipes(4)
+            opened += [fd for pipe in pipes for fd in pipe]
             memfd = syscalls.memfd("nsmagic-values")
             opened.append(memfd)
             # What the kernel can set up goes before the fork: after it, each page the kernel
             # writes is copied first, while the new child may be waiting for the CPU. The
             # system calls keep the GIL (see nsmagic.syscalls).
-            self.out, self.err, self.ctl, self.ans = out.read, err.read, ctl.read, ans.write
-            for fd in (self.out, self.err, self.ctl):
+            for fd in (out_r, err_r, ctl_r):
                 syscalls.set_nonblocking(fd)
-            self.decoders = {
-                out.read: (codecs.getincrementaldecoder("utf-8")("replace"), self.sinks.stdout),
-                err.read: (codecs.getincrementaldecoder("utf-8")("replace"), self.sinks.stderr),
-            }
-            self.unpacker = Unpacker(memfd, self.namespace)
+            streams = {out_r: StreamDecoder(self.sinks.stdout), err_r: StreamDecoder(self.sinks.stderr)}
+            unpacker = Unpacker(memfd, self.namespace)
+            conversation = Conversation(
+                self.sinks, ans_w, unpacker, self._worker_pid,
+                host_side=self._host_side if any(p.needs_host for p in self.parts) else None,
+                explain=self._explain if self.log is not None else None)
             plan = Plan(
                 spec=self.spec, job=self.job, outputs=self.outputs, kernel_pid=os.getpid(),
-                pid_done=pid_namespace_in_kernel(self.spec), stdout=out.write, stderr=err.write,
-                control=ctl.write, answers=ans.read, memfd=memfd, uid=os.geteuid(), gid=os.getegid(),
+                pid_done=pid_namespace_in_kernel(self.spec), stdout=out_w, stderr=err_w,
+                control=ctl_w, answers=ans_r, memfd=memfd, uid=os.geteuid(), gid=os.getegid(),
                 namespace=self.namespace, parts=self.parts, explain=self.log is not None,
             )
             spawn(plan, self.log, started=self._started)
-            self.pidfd = os.pidfd_open(self.pid)
-            opened.append(self.pidfd)
-            for fd in (out.write, err.write, ctl.write, ans.read):  # the child's ends
+            opened.append(self.child.watch())
+            for fd in (out_w, err_w, ctl_w, ans_r):  # the child's ends
                 opened.remove(fd)
                 os.close(fd)
-            report = self._pump()
-            result = rebuild(report, self.unpacker, self.pid)
+            pump = Pump(streams, ctl_r, conversation, self.child.pidfd)
+            if not pump.run(lambda: conversation.report is not None or pump.exited, self.deadline):
+                stop(self.child, pump, conversation, signal.SIGINT, self.grace)
+                raise CellTimeout(
+                    f"the cell ran longer than its timeout of {self.timeout:g}s, so its child "
+                    f"(pid {self.child.pid}) and everything in its namespaces were killed"
+                )
+            if conversation.report is None:
+                self._died(pump)
+            # The child has said its last word: the reaper waits for its teardown.
+            self.child.leave_to_reaper()
+            result = rebuild(conversation.report, unpacker, self.child.pid)
             if result.error is not None:
                 annotate_all(self.parts, result.error)
             return result
         except KeyboardInterrupt:
-            self._stop(signal.SIGINT)
+            if self.child is not None:
+                stop(self.child, pump, conversation, signal.SIGINT, self.grace)
             raise
         except BaseException:
-            self._stop(signal.SIGKILL)
+            if self.child is not None:
+                stop(self.child, pump, conversation, signal.SIGKILL, 0)
             raise
         finally:
-            self._flush_decoders()
+            if pump is not None:
+                pump.finish()
             self.sinks.flush()
             for fd in opened:
                 os.close(fd)
-            if not self.pid:  # no child was made: nothing will clean up after it
+            if self.child is None:  # no child was made: nothing will clean up after it
                 cleanup_all(self.parts)
 
     def _started(self, pid: int) -> None:
         """Called by spawn() the moment the child exists, so an interrupt cannot lose it."""
-        self.pid = pid
+        self.child = Child(pid, cleanup=lambda: cleanup_all(self.parts) if self.parts else None)
 
-    # -- the pump ---------------------------------------------------------------------------
-
-    def _pump(self):
-        poller = select.poll()
-        for fd in (self.out, self.err, self.ctl, self.pidfd):
-            poller.register(fd, select.POLLIN)
-        while True:
-            wait_ms = -1
-            if self.deadline is not None:
-                left = self.deadline - time.monotonic()
-                if left <= 0:
-                    self._stop(signal.SIGINT)
-                    raise CellTimeout(
-                        f"the cell ran longer than its timeout of {self.timeout:g}s, so its child "
-                        f"(pid {self.pid}) and everything in its namespaces were killed"
-                    )
-                wait_ms = max(1, int(left * 1000))
-            events = poller.poll(wait_ms)
-            # Streams first: what the child wrote before a frame must be shown before it.
-            for fd, _ in sorted(events, key=lambda e: e[0] in (self.ctl, self.pidfd)):
-                if fd in self.decoders:
-                    if not self._read_stream(fd):
-                        poller.unregister(fd)
-                elif fd == self.ctl:
-                    data = self._read(self.ctl)
-                    if data == b"":
-                        poller.unregister(self.ctl)
-                        self.reader.eof()
-                        continue
-                    report = self._frames(data)
-                    if report is not None:
-                        return report
-                elif fd == self.pidfd:
-                    report = self._child_exited()
-                    if report is not None:
-                        return report
-
-    def _read(self, fd: int) -> bytes | None:
-        try:
-            return os.read(fd, _CHUNK)
-        except BlockingIOError:
-            return None
-
-    def _read_stream(self, fd: int) -> bool:
-        """Pass on what is in one stream pipe; False at end of file."""
-        data = self._read(fd)
-        if data is None:
-            return True
-        if not data:
-            return False
-        decoder, sink = self.decoders[fd]
-        text = decoder.decode(data)
-        if text:
-            sink(text)
-        return True
-
-    def _drain_streams(self) -> None:
-        for fd in list(self.decoders):
-            while True:
-                data = self._read(fd)
-                if not data:
-                    break
-                decoder, sink = self.decoders[fd]
-                text = decoder.decode(data)
-                if text:
-                    sink(text)
-
-    def _flush_decoders(self) -> None:
-        for decoder, sink in self.decoders.values():
-            text = decoder.decode(b"", final=True)
-            if text:
-                sink(text)
-
-    def _frames(self, data: bytes):
-        for kind, payload in self.reader.feed(data):
-            self._drain_streams()
-            if kind is Kind.DONE:
-                report = protocol.load(payload)
-                if report.parked is not None and not self._fetch(report.parked):
-                    self.pushed = report
-                    continue
-                self._settle()
-                return report
-            if kind is Kind.PUSHED and self.pushed is not None:
-                self._settle()
-                return self.pushed
-            if kind is Kind.SETUP_FAILED:
-                self._settle()
-                raise _setup_error(*protocol.parse_setup_record(payload))
-            if kind is Kind.READY:
-                self._host_side()
-            elif kind is Kind.EXPLAIN:
-                self._explain(protocol.load(payload))
-            elif kind is Kind.IOPUB:
-                self.sinks.iopub(**protocol.load(payload))
-                self._reply(b"")
-            if kind is Kind.DISPLAY:
-                msg = protocol.load(payload)
-                self.sinks.display(msg["data"], msg["metadata"], msg["transient"], msg["update"])
-                self._reply(b"")
-            elif kind is Kind.CLEAR_OUTPUT:
-                self.sinks.clear_output(protocol.load(payload))
-                self._reply(b"")
-            elif kind is Kind.INPUT:
-                self._answer(*protocol.load(payload))
-        return None
-
-    def _fetch(self, parked) -> bool:
-        """Copy the child's large pieces straight out of its memory, then let it go; False if
-        it must write them into the memfd instead (it has been asked to)."""
-        try:
-            pulled = self.unpacker.pull(self._worker_pid(), parked)
-        except BaseException:
-            self._reply(b"")  # interrupted: the child need not wait, and is stopped anyway
-            raise
-        self._reply(b"" if pulled else b"push")
-        return pulled
+    def _died(self, pump: Pump):
+        """The child ended without a report: what it started ends with it (the zombie holds the
+        group's id), and the parts say if they caused it."""
+        self.child.signal(signal.SIGKILL)
+        status = self.child.reap()
+        reasons = [r for r in (p.exit_reason(status) for p in self.parts) if r]
+        raise ChildDied(self.child.pid, status, reasons[0] if reasons else None)
 
     def _worker_pid(self) -> int:
         """The pid, here, of the process that ran the job: the child, or its only child."""
-        if not two_stage(self.spec, pid_namespace_in_kernel(self.spec)):
-            return self.pid
-        try:
-            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
-                return int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            return -1  # unknown: process_vm_readv fails, and the child pushes instead
+        return worker_pid(self.child.pid, two_stage(self.spec, pid_namespace_in_kernel(self.spec)))
 
     def _host_side(self) -> None:
         """The child has made its namespaces and waits: do the parts' kernel-side work."""
-        try:
-            for part in self.parts:
-                if part.needs_host:
-                    part.host(self.pid)
-        except BaseException:
-            self._reply(b"no")
-            raise
-        self._reply(b"")
+        for part in self.parts:
+            if part.needs_host:
+                part.host(self.child.pid)
 
     def _explain(self, report: dict) -> None:
-        calls = list(self.log)
-        for where, call in report["calls"]:
-            calls.append((where, call, explain.why(call)))
-        for part in self.parts:
-            calls += [("kernel", line, "") for line in part.explain()]
-        self.sinks.explain(explain.Explanation(
-            calls=calls, kernel=explain.inodes(), cell=report["inodes"], cell_ids=report["ids"],
-            kernel_view_pid=self.pid, joined=set(self.spec.join)))
-        self._reply(b"")
-
-    def _answer(self, prompt: str, password: bool) -> None:
-        self.sinks.flush()
-        try:
-            reply = (True, self.sinks.input(prompt, password))
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:
-            reply = (False, f"input() is not available here: {type(e).__name__}: {e}")
-        self._reply(protocol.dumps(reply))
-
-    def _reply(self, payload: bytes) -> None:
-        try:
-            protocol.send(self.ans, Kind.ANSWER, payload)
-        except BrokenPipeError:  # the child is gone; its exit is noticed by the pidfd
-            pass
-
-    def _child_exited(self):
-        """The pidfd fired. A report sent just before the exit is still in the pipe."""
-        while True:
-            data = self._read(self.ctl)
-            if not data:
-                break
-            report = self._frames(data)
-            if report is not None:
-                return report
-        self._drain_streams()
-        self.settled = True
-        self._signal(signal.SIGKILL)  # what it started ends with it (the zombie holds the group's id)
-        status = self._reap()
-        reasons = [r for r in (p.exit_reason(status) for p in self.parts) if r]
-        raise ChildDied(self.pid, status, reasons[0] if reasons else None)
-
-    def _settle(self) -> None:
-        """The child has said its last word: let the reaper wait for its teardown, and then
-        clean up after it."""
-        if not self.settled:
-            self.settled = True
-            self._leave_to_reaper()
-
-    def _leave_to_reaper(self) -> None:
-        reaper.reap(self.pid, lambda: cleanup_all(self.parts) if self.parts else None)
-
-    def _reap(self) -> int:
-        """Wait for the child here, then clean up after it; its wait status."""
-        try:
-            _, status = os.waitpid(self.pid, 0)
-            self.reaped = True
-        finally:
-            cleanup_all(self.parts)
-        return status
-
-    # -- stopping -----------------------------------------------------------------------------
-
-    def _stop(self, first: int) -> None:
-        """Stop the child and everything in its namespaces, then reap it.
-
-        PID 1 of a PID namespace ignores signals it has no handler for, but the child keeps
-        Python's SIGINT handler, so SIGINT first lets the cell's ``finally`` blocks run; after
-        the grace period, SIGKILL, which always works and takes the whole namespace with it,
-        though only once the child is out of the kernel: one stuck in an uninterruptible call
-        (a dead NFS server, a frozen cgroup) is left to the reaper after :data:`KILL_WAIT`
-        seconds, so that the kernel goes on.
-        """
-        if self.settled or not self.pid:
-            return
-        self.settled = True
-        if self.pidfd < 0:  # interrupted between fork and the pump: it has run nothing yet
-            self._signal(signal.SIGKILL)
-            self._reap()
-            return
-        try:
-            if first == signal.SIGINT and self.grace > 0:
-                self._signal(signal.SIGINT)
-                if self._wait_exit(self.grace):
-                    return
-            self._signal(signal.SIGKILL)
-            if not self._wait_exit(KILL_WAIT):
-                self._leave_to_reaper()
-        except KeyboardInterrupt:  # interrupted again while waiting: no more waiting here
-            if not self.reaped:
-                self._signal(signal.SIGKILL)
-                self._leave_to_reaper()
-            raise
-
-    def _signal(self, sig: int) -> None:
-        """Signal the child's process group (itself and what it started), once."""
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:  # not yet (or no longer) a group leader
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def _wait_exit(self, seconds: float) -> bool:
-        """Wait for the child's exit, still passing on its output; reap it and say if it went."""
-        end = time.monotonic() + seconds
-        poller = select.poll()
-        for fd in (self.out, self.err, self.ctl, self.pidfd):
-            poller.register(fd, select.POLLIN)
-        while (left := end - time.monotonic()) > 0:
-            for fd, _ in poller.poll(max(1, int(left * 1000))):
-                if fd == self.pidfd:
-                    self._drain_streams()
-                    self._reap()
-                    return True
-                if fd in self.decoders:
-                    if not self._read_stream(fd):
-                        poller.unregister(fd)
-                elif fd == self.ctl and self._read(self.ctl) == b"":
-                    poller.unregister(self.ctl)
-        return False
+        self.sinks.explain(explanation(self.log, report, self.parts, self.child.pid, self.spec))
 
 
-def _setup_error(step: str, err: int, message: str) -> Exception:
-    text = f"{step} failed: {message}"
-    exc = PrivilegeError(text) if err in (errno.EPERM, errno.EACCES) else SetupError(text)
-    exc.errno = err
-    return exc
+def worker_pid(pid: int, two_stage: bool) -> int:
+    """The pid, in the kernel's view, of the process that runs the cells: the child itself, or
+    (two-stage: PID 1 of a namespace the child made) its only child; -1 if unknown."""
+    if not two_stage:
+        return pid
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return -1  # unknown: process_vm_readv fails, and the child pushes instead
+
+
+def explanation(log: list | None, report: dict, parts: list, pid: int, spec: Namespaces) -> "explain.Explanation":
+    """The ``--explain`` board: the kernel's calls, the child's steps, and both sides' namespaces."""
+    calls = list(log or ())
+    for where, call in report["calls"]:
+        calls.append((where, call, explain.why(call)))
+    for part in parts:
+        calls += [("kernel", line, "") for line in part.explain()]
+    return explain.Explanation(
+        calls=calls, kernel=explain.inodes(), cell=report["inodes"], cell_ids=report["ids"],
+        kernel_view_pid=pid, joined=set(spec.join))

@@ -13,6 +13,7 @@ import ast
 import functools
 import io
 import linecache
+import marshal
 import tokenize
 import traceback
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ def prepare(code: str, *, filename: str = "<nsmagic>", flags: int = 0, shown_sou
 def _compiled(code: str, filename: str, flags: int, line_offset: int) -> Prepared:
     """Compiled once per distinct cell (code objects are immutable, so one can serve every
     run): notebooks rerun the same cells, and right after the previous cell's fork the
-    compiler's every write costs the kernel a page fault (README, "What a cell costs"). As
+    compiler's every write costs the kernel a page fault (docs/performance.md). As
     with an imported module's cached bytecode, a SyntaxWarning shows at the first compile only."""
     # Blank lines in front, rather than moving the AST's line numbers, so that a SyntaxError
     # names the right line too.
@@ -97,3 +98,16 @@ def ends_with_semicolon(code: str) -> bool:
     except (tokenize.TokenError, SyntaxError):
         return False
     return bool(tokens) and tokens[-1].string == ";"
+
+
+def dumps(prepared: Prepared, shown_source: str) -> bytes:
+    """*prepared* as bytes for another process of this same interpreter (a box): code objects
+    travel with marshal, and the source goes along for its tracebacks."""
+    return marshal.dumps((prepared.filename, prepared.body, prepared.last, prepared.quiet, shown_source))
+
+
+def loads(data: bytes) -> Prepared:
+    """The other side of :func:`dumps`; registers the source for tracebacks."""
+    filename, body, last, quiet, shown = marshal.loads(data)
+    linecache.cache[filename] = (len(shown), None, shown.splitlines(True), filename)
+    return Prepared(filename, body, last, quiet)

@@ -8,22 +8,12 @@ clock offset a time namespace.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from .errors import OptionError
-from .syscalls import CloneFlag
+from .kinds import BY_PROC, JOINABLE, KINDS, CloneFlag
 
-_FLAG_OF = {
-    "mount": CloneFlag.NEWNS,
-    "uts": CloneFlag.NEWUTS,
-    "ipc": CloneFlag.NEWIPC,
-    "net": CloneFlag.NEWNET,
-    "pid": CloneFlag.NEWPID,
-    "user": CloneFlag.NEWUSER,
-    "cgroup": CloneFlag.NEWCGROUP,
-    "time": CloneFlag.NEWTIME,
-}
-_BIT_OF = {name: int(flag) for name, flag in _FLAG_OF.items()}
+_BIT_OF = {k.field: int(k.flag) for k in KINDS}
 
 
 @dataclass
@@ -54,7 +44,7 @@ class Namespaces:
     #: Shift CLOCK_BOOTTIME by this many seconds inside; implies ``time``.
     boottime: float = 0.0
 
-    # -- the environment around the namespaces (see nsmagic.parts) ---------------------------
+    # -- the environment around the namespaces (see nsmagic.environment) ---------------------------
     #: Bring ``lo`` up inside; implies ``net``.
     lo: bool = False
     #: A veth pair to the kernel: ``"HOST_CIDR[:CHILD_ADDR]"``, or ``""`` to pick a free
@@ -76,6 +66,7 @@ class Namespaces:
     rootfs: str | None = None
 
     def __post_init__(self) -> None:
+        asked = self._asked_for() if self.join else {}  # before the implications below
         if self.map_root_user:
             self.user = True
         if self.mount_proc:
@@ -95,26 +86,46 @@ class Namespaces:
             self.net = True
         if self.tmpfs or self.bind or self.ro_bind or self.rootfs is not None:
             self.mount = True
-        self._check_joins()
+        if self.join:
+            self._check_joins(asked)
 
-    def _check_joins(self) -> None:
-        kinds = {"net": "net", "uts": "uts", "ipc": "ipc", "mnt": "mount", "pid": "pid", "user": "user"}
+    def _asked_for(self) -> dict[str, list[str]]:
+        """For each kind, the options that ask for a fresh namespace of it, as the user may have
+        typed them (``-n/--net``, ``--lo``): what a message about a conflict must name."""
+        asked = {k.field: [k.options] if getattr(self, k.field) else [] for k in KINDS}
+        implied = (("user", "-r/--map-root-user", self.map_root_user),
+                   ("mount", "--mount-proc", self.mount_proc),
+                   ("uts", "--hostname", self.hostname is not None),
+                   ("time", "--monotonic", bool(self.monotonic)), ("time", "--boottime", bool(self.boottime)),
+                   ("net", "--lo", self.lo), ("net", "--veth", self.veth is not None),
+                   ("mount", "--tmpfs", bool(self.tmpfs)), ("mount", "--bind", bool(self.bind)),
+                   ("mount", "--ro-bind", bool(self.ro_bind)), ("mount", "--rootfs", self.rootfs is not None))
+        for field_name, option, given in implied:
+            if given:
+                asked[field_name].append(option)
+        return asked
+
+    def _check_joins(self, asked: dict[str, list[str]]) -> None:
         for kind in self.join:
-            if kind not in kinds:
-                raise OptionError(f"cannot join a {kind!r} namespace; joinable: {', '.join(kinds)}")
-            if kind == "net" and (self.lo or self.veth is not None):
-                raise OptionError("--lo and --veth set up a fresh network namespace, so they cannot go "
-                                  "with --join-net; configure the joined namespace from inside the cell")
-            if getattr(self, kinds[kind]):
-                raise OptionError(
-                    f"--join-{kind} and a fresh {kind} namespace in one cell: a process is in one "
-                    f"{kind} namespace at a time; drop one of them"
-                )
+            if kind not in JOINABLE:
+                raise OptionError(f"cannot join a {kind!r} namespace; joinable: {', '.join(JOINABLE)}")
+            options = asked[BY_PROC[kind].field]
+            if not options:
+                continue
+            named = ", ".join(options)
+            makes = "makes" if len(options) == 1 else "make"
+            inside = ("; to configure the joined namespace, do it from inside the cell"
+                      if set(options) & {"--lo", "--veth", "--hostname", "--mount-proc", "--tmpfs", "--bind",
+                                         "--ro-bind"} else "")
+            raise OptionError(
+                f"{named} and --join-{kind} in one cell: {named} {makes} a fresh {BY_PROC[kind].words} "
+                f"namespace, and a process is in one {kind} namespace at a time; drop one of them{inside}"
+            )
 
     @classmethod
     def from_flags(cls, flags: CloneFlag, **kw) -> "Namespaces":
         """Build a request from ``CLONE_NEW*`` flags, for callers who think in clone(2)'s terms."""
-        return cls(**{name: bool(flags & flag) for name, flag in _FLAG_OF.items()}, **kw)
+        return cls(**{k.field: bool(flags & k.flag) for k in KINDS}, **kw)
 
     @property
     def flags(self) -> CloneFlag:
@@ -132,9 +143,7 @@ class Namespaces:
 
     def describe(self) -> str:
         """A short unshare(1)-style spelling, for messages."""
-        letters = {"mount": "-m", "uts": "-u", "ipc": "-i", "net": "-n", "pid": "-p",
-                   "user": "-U", "cgroup": "-C", "time": "-T"}
-        parts = [letters[f.name] for f in fields(self) if f.name in letters and getattr(self, f.name)]
+        parts = [k.letter for k in KINDS if getattr(self, k.field)]
         if self.map_root_user:
             parts.append("-r")
         if self.mount_proc:

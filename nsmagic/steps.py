@@ -22,8 +22,10 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from typing import Callable, Mapping, TypeVar, Union
 
 from . import syscalls
+from .errors import StepFailed
 from .spec import Namespaces
 from .syscalls import CloneFlag
 
@@ -33,17 +35,15 @@ from .syscalls import CloneFlag
 log: list[tuple[str, str]] | None = None
 where = "child"
 
+T = TypeVar("T")
+#: Words to add to a failed step's errno text: per errno, always, or made from the errno.
+Hints = Union[Mapping[int, str], str, Callable[[int], str], None]
+
 
 def record(call: str) -> None:
     """Note a system call done for ``--explain`` (parts call this for their own steps)."""
     if log is not None:
         log.append((where, call))
-
-
-class StepFailed(Exception):
-    def __init__(self, step: str, err: int, message: str):
-        super().__init__(f"{step}: {message}")
-        self.step, self.errno, self.message = step, err, message
 
 
 _NEWUSER, _NEWPID = int(CloneFlag.NEWUSER), int(CloneFlag.NEWPID)
@@ -69,24 +69,19 @@ def enter_namespaces(spec: Namespaces, uid: int, gid: int, *, pid_done: bool) ->
 def set_up_inside(spec: Namespaces) -> None:
     """Step 4, in the process that will run the cell."""
     if spec.mount:
-        _do('mount(NULL, "/", NULL, MS_REC|MS_PRIVATE)', syscalls.mount, None, "/", None,
+        do('mount(NULL, "/", NULL, MS_REC|MS_PRIVATE)', syscalls.mount, None, "/", None,
             syscalls.MS_REC | syscalls.MS_PRIVATE)
     if spec.mount_proc:
-        _do('mount("proc", "/proc", "proc", MS_NOSUID|MS_NODEV|MS_NOEXEC)', syscalls.mount, "proc", "/proc",
+        do('mount("proc", "/proc", "proc", MS_NOSUID|MS_NODEV|MS_NOEXEC)', syscalls.mount, "proc", "/proc",
             "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
     if spec.hostname is not None:
-        _do(f"sethostname({_quote(spec.hostname)})", socket.sethostname, spec.hostname)
+        do(f"sethostname({_quote(spec.hostname)})", socket.sethostname, spec.hostname)
 
 
 def _unshare(flags: int, *, in_user_ns: bool) -> None:
-    try:
-        syscalls.unshare(flags)
-    except OSError as e:
-        flags = CloneFlag(flags)
-        advice = syscalls.advice(flags, e.errno, in_user_ns)
-        raise StepFailed(f"unshare({flags.spelled()})", e.errno, f"{os.strerror(e.errno)}; {advice}") from None
-    if log is not None:
-        record(f"unshare({CloneFlag(flags).spelled()})")
+    flags = CloneFlag(flags)
+    do(f"unshare({flags.spelled()})", syscalls.unshare, int(flags),
+       hints=lambda err: f"; {syscalls.advice(flags, err, in_user_ns)}")
 
 
 def _write_id_maps(uid: int, gid: int) -> None:
@@ -114,7 +109,7 @@ def _enter_own_time_namespace() -> None:
         finally:
             os.close(fd)
 
-    _do('setns(open("/proc/self/ns/time_for_children"), CLONE_NEWTIME)', enter)
+    do('setns(open("/proc/self/ns/time_for_children"), CLONE_NEWTIME)', enter)
 
 
 def _write(path: str, text: str) -> None:
@@ -125,17 +120,35 @@ def _write(path: str, text: str) -> None:
         finally:
             os.close(fd)
 
-    _do(f"write({_quote(path)}, {_quote(text)})", write)
+    do(f"write({_quote(path)}, {_quote(text)})", write)
 
 
-def _do(step: str, fn, *args) -> None:
+def do(step: str, fn: Callable[..., T], *args, hints: Hints = None, explained: bool = True) -> T:
+    """Run one set-up step, ``fn(*args)``, and note it for ``--explain`` as *step* (the system call
+    as a student would write it), unless its part explains it from the kernel (*explained* False).
+
+    An :class:`OSError` becomes :class:`StepFailed` naming *step*, worded with the errno's text and
+    *hints*: words appended for that errno (a dict), for any errno (a string), or made from it (a
+    function). Every step of the child's set-up, here and in the parts, goes through this.
+    """
     try:
-        fn(*args)
+        result = fn(*args)
     except OSError as e:
         err = e.errno or errno.EIO
-        hint = _HINTS.get(err, "")
-        raise StepFailed(step, err, f"{os.strerror(err)}{hint}") from None
-    record(step)
+        raise StepFailed(step, err, f"{os.strerror(err)}{_hint(hints, err)}") from None
+    if explained:
+        record(step)
+    return result
+
+
+def _hint(hints: Hints, err: int) -> str:
+    if hints is None:
+        hints = _HINTS
+    if isinstance(hints, str):
+        return hints
+    if callable(hints):
+        return hints(err)
+    return hints.get(err, "")
 
 
 def _quote(text: str) -> str:

@@ -9,9 +9,8 @@ namespace) go through a second handle that keeps the GIL: each takes microsecond
 blocks. Given up there, the GIL goes to another thread with work of its own at the start of a
 cell (ipykernel's IOPub thread sending the cell's first messages, IPython's history thread
 storing its input), and that work then delays the fork; held, it waits until the kernel waits
-for its child, and is done while the child runs. Measured with alternating A/B in one kernel:
-0.2 to 0.45 ms less per cell when the cells are stored in the history, as a notebook's are,
-and no difference when they are not. ``os.unshare`` and ``os.setns`` give up the GIL too, so
+for its child, and is done while the child runs (the difference shows when the cells are
+stored in the history, as a notebook's are; docs/performance.md). ``os.unshare`` and ``os.setns`` give up the GIL too, so
 this handle serves every Python version. The child's ``prctl`` calls use it as well: the child
 has one thread, and giving up the GIL there only writes to (and so copies) pages of the kernel.
 """
@@ -19,9 +18,10 @@ has one thread, and giving up the GIL there only writes to (and so copies) pages
 from __future__ import annotations
 
 import ctypes
-import enum
 import errno
 import os
+
+from .kinds import BY_FLAG, CloneFlag
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -61,47 +61,6 @@ _get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_in
 _release_buffer = ctypes.pythonapi.PyBuffer_Release
 _release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
 
-
-class CloneFlag(enum.IntFlag):
-    """The ``CLONE_NEW*`` flags of clone(2), unshare(2) and setns(2)."""
-
-    NEWTIME = 0x00000080
-    NEWNS = 0x00020000
-    NEWCGROUP = 0x02000000
-    NEWUTS = 0x04000000
-    NEWIPC = 0x08000000
-    NEWUSER = 0x10000000
-    NEWPID = 0x20000000
-    NEWNET = 0x40000000
-
-    def spelled(self) -> str:
-        """``CLONE_NEWNET|CLONE_NEWPID``, as the man pages write it."""
-        return "|".join(f"CLONE_{f.name}" for f in CloneFlag if f in self) or "0"
-
-
-#: The name of each namespace's file under ``/proc/PID/ns``.
-NS_FILE = {
-    CloneFlag.NEWNS: "mnt",
-    CloneFlag.NEWUTS: "uts",
-    CloneFlag.NEWIPC: "ipc",
-    CloneFlag.NEWNET: "net",
-    CloneFlag.NEWPID: "pid",
-    CloneFlag.NEWUSER: "user",
-    CloneFlag.NEWCGROUP: "cgroup",
-    CloneFlag.NEWTIME: "time",
-}
-
-#: Words for each namespace in messages.
-NS_WORDS = {
-    CloneFlag.NEWNS: "mount",
-    CloneFlag.NEWUTS: "UTS (hostname)",
-    CloneFlag.NEWIPC: "IPC",
-    CloneFlag.NEWNET: "network",
-    CloneFlag.NEWPID: "PID",
-    CloneFlag.NEWUSER: "user",
-    CloneFlag.NEWCGROUP: "cgroup",
-    CloneFlag.NEWTIME: "time",
-}
 
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -181,7 +140,7 @@ def set_child_subreaper() -> None:
 
 # Only children call the two above, each as the first call of a fresh fork. A harmless read
 # here makes ctypes do its one-time set-up of prctl in this process, not in every child
-# (measured: 10 fewer page copies, and with the GIL kept, 30 us less per child).
+# (fewer pages copied in each child, and no GIL hand-over there).
 _held.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
 
 
@@ -238,7 +197,7 @@ def has_capability(cap: int) -> bool:
 
 def advice(flags: CloneFlag, err: int, in_user_ns: bool) -> str:
     """What a student should do when creating the namespaces in *flags* failed with *err*."""
-    words = ", ".join(NS_WORDS[f] for f in CloneFlag if f in flags and f in NS_WORDS)
+    words = ", ".join(BY_FLAG[f].words for f in CloneFlag if f in flags)
     kind = "namespace" if "," not in words else "namespaces"
     if CloneFlag.NEWUSER in flags or in_user_ns:
         blocked = userns_switched_off(err)
@@ -258,7 +217,7 @@ def advice(flags: CloneFlag, err: int, in_user_ns: bool) -> str:
             f"{'it' if kind == 'namespace' else 'them'} inside a new user namespace, as unshare -r does"
         )
     if err == errno.ENOSPC:
-        files = ", ".join(f"/proc/sys/user/max_{NS_FILE[f]}_namespaces" for f in CloneFlag if f in flags)
+        files = ", ".join(f"/proc/sys/user/max_{BY_FLAG[f].proc}_namespaces" for f in CloneFlag if f in flags)
         return f"the limit on {words} {kind} is reached (see {files}); end other containers or raise the limit"
     if err == errno.EINVAL:
         return f"this Linux kernel does not support {words} {kind} (or not in this combination)"

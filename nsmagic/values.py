@@ -7,8 +7,8 @@ The child keeps those pieces where they are and says where they are; the kernel 
 straight out of the child's memory with process_vm_readv(2) into one fresh private mapping
 (with transparent huge pages where Linux offers them), then lets the child exit. That is a
 single copy into memory that is the kernel's own, which is why it is fast: writing the pieces
-into a file first costs a 4 KiB shared-memory page allocation per page, and measured half the
-speed. Where the kernel may not read the child's memory (an unprivileged kernel and a child
+into a file first costs a shared-memory page allocation per 4 KiB page on top of the copy.
+Where the kernel may not read the child's memory (an unprivileged kernel and a child
 that made itself undumpable, or a security module that forbids it), the child writes the
 pieces into a memfd that the kernel created before the fork, and the kernel maps that file
 copy-on-write instead. Either way the mapping lives as long as any value built on it does.
@@ -157,7 +157,7 @@ _PARALLEL = 32 << 20
 
 def _copy(pid: int, pieces: list[tuple[int, int, int]], total: int) -> None:
     """Copy *pieces* out of *pid*, in several threads when they are large: page allocation
-    and copying then run on every CPU (100 MB: 17 ms in one thread, 12 ms in two, here).
+    and copying then run on every CPU (docs/performance.md has the figures).
     Returns only once every thread is done, even if interrupted: none may write into the
     area after its caller has let it go."""
     try:

@@ -20,6 +20,13 @@ def rootless_kernel():
         yield kernel
 
 
+@pytest.fixture(scope="session")
+def student(rootless_kernel):
+    """The rootless kernel with nsmagic loaded (and os, socket imported): a student's notebook."""
+    rootless_kernel.execute("%load_ext nsmagic\nimport os, socket").ok()
+    return rootless_kernel
+
+
 @contextmanager
 def _kernel_with_nsmagic():
     from kernel import Kernel

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import psutil
+
+from helpers import wait_until
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -16,12 +16,8 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 def wait_gone(pids, seconds: float = 5.0) -> list[int]:
     """The pids of *pids* still present (not even as zombies) after *seconds*."""
-    end = time.monotonic() + seconds
-    alive = list(pids)
-    while alive and time.monotonic() < end:
-        alive = [p for p in alive if psutil.pid_exists(p)]
-        time.sleep(0.05)
-    return alive
+    wait_until(lambda: not any(psutil.pid_exists(p) for p in pids), seconds, 0.05)
+    return [p for p in pids if psutil.pid_exists(p)]
 
 
 def kill_sleepers(pids) -> None:

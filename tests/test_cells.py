@@ -9,7 +9,10 @@ import time
 import psutil
 import pytest
 
+from helpers import MAPPED_MEMFDS, wait_until
 from processes import descendants, kill_sleepers, wait_gone
+
+pytestmark = [pytest.mark.kernel, pytest.mark.root]
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -172,7 +175,6 @@ def test_large_buffer_comes_back_intact_and_writable(kernel):
     assert kernel.value("blob[0]") == 7
 
 
-MAPPED_MEMFDS = "sum('nsmagic-values' in line for line in open('/proc/self/maps'))"
 
 
 @pytest.mark.parametrize("options", ["-u", "-r -p"])  # the child itself; PID 1 under the child
@@ -334,9 +336,7 @@ def frozen_cgroup():
     finally:
         with open(f"{path}/freezer.state", "w") as f:
             f.write("THAWED")
-        end = time.monotonic() + 10
-        while _members(path) and time.monotonic() < end:
-            time.sleep(0.05)
+        wait_until(lambda: not _members(path), 10, 0.05)
         os.rmdir(path)
 
 
@@ -448,14 +448,6 @@ def test_a_cell_still_waits_for_its_own_children(kernel):
                           "print(subprocess.run(['sh', '-c', 'exit 7']).returncode, "
                           "os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))").ok()
     assert cell.stdout.split() == ["7", "5"]
-
-
-def test_signal_names_are_in_our_words():
-    from nsmagic.errors import ChildDied
-
-    assert "SIGSEGV" in str(ChildDied(1, signal.SIGSEGV))
-    assert "status 3" in str(ChildDied(1, 3 << 8))
-    assert os.waitstatus_to_exitcode(3 << 8) == 3
 
 
 def test_a_class_redefined_in_the_cell_comes_back_as_the_cells(kernel):

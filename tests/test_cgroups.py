@@ -5,14 +5,19 @@ Every cell that could hurt the machine (a memory hog, a fork loop) first checks 
 cgroup directories its kernel made, before and after.
 """
 
+import ctypes
 import os
+import socket
+import struct
 import time
 
 import pytest
 
-from nsmagic import OptionError, PrivilegeError, SetupError
-from nsmagic.cgroups import (Hierarchy, Place, choose, hierarchies, human_size, is_top, kernel_group,
-                             parse_memory, setup_of, v2_place)
+from helpers import wait_until
+
+from nsmagic import Namespaces, OptionError, PrivilegeError, SetupError, run
+from nsmagic.environment.cgroups import (Hierarchy, Place, choose, hierarchies, human_size, is_top,
+                                         kernel_group, parse_memory, setup_of, v2_place)
 
 ROOT = "/sys/fs/cgroup"
 
@@ -27,10 +32,8 @@ def cgroups_of(pid: int) -> list[str]:
 
 def settled(pid: int, before: list[str], seconds: float = 5.0) -> list[str]:
     """The kernel's cgroups once the background clean-up of a finished cell is done."""
-    end = time.monotonic() + seconds
-    while (now := cgroups_of(pid)) != before and time.monotonic() < end:
-        time.sleep(0.05)
-    return now
+    wait_until(lambda: cgroups_of(pid) == before, seconds, 0.05)
+    return cgroups_of(pid)
 
 
 #: Cell code: stop unless the cell runs in an nsmagic cgroup of the CONTROLLER's hierarchy.
@@ -48,6 +51,8 @@ def guard(kernel, controller):
     return GUARD.format(kpid=kernel.pid, controller=controller)
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.parametrize("options", ["", "-p", "-r -p"])
 def test_memory_hog_is_killed_and_reported_as_oom(kernel, options):
     before = cgroups_of(kernel.pid)
@@ -63,16 +68,20 @@ print('survived')""")
     assert kernel.value("1 + 1") == 2
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_cell_under_memory_limit_runs_and_sees_its_limit(kernel):
     before = cgroups_of(kernel.pid)
     limit = kernel.value_in("--memory 64M", """(lambda h: [
         open(os.path.join(x.own, 'memory.max' if x.v2 else 'memory.limit_in_bytes')).read().strip()
-        for x in h if 'memory' in x.controllers])(__import__('nsmagic.cgroups').cgroups.hierarchies(
+        for x in h if 'memory' in x.controllers])(__import__('nsmagic.environment.cgroups').environment.cgroups.hierarchies(
         open('/proc/self/cgroup').read(), open('/proc/self/mountinfo').read()))""".replace("os.", "__import__('os')."))
     assert limit == [str(64 * 2**20)]
     assert settled(kernel.pid, before) == before
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_fork_loop_is_stopped_by_the_pids_limit(kernel):
     before = cgroups_of(kernel.pid)
     cell = kernel.execute("%%innamespace -p --pids 20\n" + guard(kernel, "pids") + """
@@ -104,6 +113,8 @@ print(n)""").ok()
     return int(cell.stdout)
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_cpu_limit_slows_a_busy_loop(kernel):
     before = cgroups_of(kernel.pid)
     free = max(busy_loop_rate(kernel, "-p") for _ in range(2))
@@ -112,6 +123,8 @@ def test_cpu_limit_slows_a_busy_loop(kernel):
     assert settled(kernel.pid, before) == before
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.parametrize("options, named", [
     ("--memory lots", "--memory"), ("--memory 0", "--memory"), ("--pids 0", "--pids"),
     ("--pids -3", "--pids"), ("--cpus -1", "--cpus"), ("--cpus 1000", "--cpus"),
@@ -134,6 +147,8 @@ def test_bad_values_in_the_library_are_option_errors():
             run(os.getpid, namespaces=spec)
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_nothing_is_left_after_a_timeout_or_a_crash(kernel):
     before = cgroups_of(kernel.pid)
     limits = "--memory 64M --pids 50 --cpus 0.5"
@@ -145,6 +160,8 @@ def test_nothing_is_left_after_a_timeout_or_a_crash(kernel):
     assert cgroups_of(kernel.pid) == before
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_nothing_is_left_after_an_interrupt(fresh_kernel):
     k = fresh_kernel
     before = cgroups_of(k.pid)
@@ -165,16 +182,15 @@ def test_nothing_is_left_after_an_interrupt(fresh_kernel):
     assert settled(k.pid, before) == before
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_processes_that_outlive_the_cell_are_killed_with_its_cgroup(kernel):
     before = cgroups_of(kernel.pid)
     kernel.execute("%%innamespace --pids 10 -o sleeper\n" + guard(kernel, "pids") + """
 import subprocess
 sleeper = subprocess.Popen(['sleep', '60'], start_new_session=True).pid""").ok()
     sleeper = kernel.value("sleeper")
-    end = time.monotonic() + 5
-    while time.monotonic() < end and _alive(sleeper):
-        time.sleep(0.05)
-    assert not _alive(sleeper)
+    assert wait_until(lambda: not _alive(sleeper), 5, 0.05)
     assert settled(kernel.pid, before) == before
 
 
@@ -186,6 +202,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_empty_cgroups_of_dead_kernels_are_swept(kernel):
     """A kernel killed while a cell ran cannot clean up; the next cell with limits does."""
     [pids] = [h for h in hierarchies(open(f"/proc/{kernel.pid}/cgroup").read(), open("/proc/self/mountinfo").read())
@@ -201,12 +219,16 @@ def test_empty_cgroups_of_dead_kernels_are_swept(kernel):
             os.rmdir(stale)
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_cgroup_namespace_is_rooted_at_the_cells_cgroup(kernel):
     lines = kernel.value_in("-C --memory 64M --pids 20", "open('/proc/self/cgroup').read().splitlines()")
     limited = [line for line in lines if {"memory", "pids"} & set(line.split(":")[1].split(","))]
     assert limited and all(line.endswith(":/") for line in limited)
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.rootless
 def test_rootless_without_a_delegated_cgroup_fails_before_the_child_starts(rootless_kernel):
     rootless_kernel.execute("%load_ext nsmagic").ok()
@@ -318,7 +340,7 @@ def test_pure_v2_a_containers_namespaced_top_is_not_the_top(tmp_path):
 
 
 def test_limit_errors_give_advice_that_fits_the_set_up(tmp_path, monkeypatch):
-    from nsmagic import cgroups
+    from nsmagic.environment import cgroups
     group = str(tmp_path)
     ro = cgroups._unwritable_words({"memory"}, group, "v2-read-only")
     assert "read-only" in ro and "docker run --memory" in ro and "as root" not in ro and "Delegate" not in ro
@@ -347,3 +369,54 @@ def test_a_library_caller_that_exits_at_once_leaves_no_cgroup():
                           capture_output=True, text=True, timeout=60, env={**os.environ})
     assert done.returncode == 0, done.stderr
     assert cgroups_of(int(done.stdout.split()[0])) == []
+
+
+class DirectoryWatch:
+    """inotify on directories: the names of the entries created in them since the watch began,
+    even if removed again (a check that only looked afterwards would miss a made-then-removed one)."""
+    IN_CREATE, IN_NONBLOCK, IN_CLOEXEC = 0x100, os.O_NONBLOCK, os.O_CLOEXEC
+
+    def __init__(self, directories):
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(self.IN_NONBLOCK | self.IN_CLOEXEC)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        for d in directories:
+            assert libc.inotify_add_watch(self.fd, os.fsencode(d), self.IN_CREATE) >= 0, d
+
+    def created(self) -> list[str]:
+        names, data = [], b""
+        while True:
+            try:
+                data += os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+        while data:
+            _, _, _, length = struct.unpack_from("iIII", data)
+            names.append(data[16:16 + length].rstrip(b"\0").decode())
+            data = data[16 + length:]
+        return names
+
+    def close(self):
+        os.close(self.fd)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("bad, words", [
+    ({"veth": "300.1.1.1/30"}, "--veth"),
+    ({"bind": ["/nonexistent-nsmagic-source:/mnt"]}, "--bind"),
+])
+def test_a_bad_value_leaves_no_cgroup_made_even_for_a_moment(bad, words):
+    """--memory is valid and its part comes first; the later part's bad value is found by its
+    check(), before any part's prepare() makes a cgroup directory or a link."""
+    mine = hierarchies(open("/proc/self/cgroup").read(), open("/proc/self/mountinfo").read())
+    [memory] = [h for h in mine if "memory" in h.controllers]
+    watch = DirectoryWatch({memory.own, os.path.dirname(memory.own)})
+    links = socket.if_nameindex()
+    try:
+        with pytest.raises(OptionError, match=words):
+            run(os.getpid, namespaces=Namespaces(memory="64M", **bad))
+        made = [n for n in watch.created() if n.startswith("nsmagic-")]
+    finally:
+        watch.close()
+    assert made == []
+    assert socket.if_nameindex() == links

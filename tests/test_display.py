@@ -5,8 +5,11 @@ import os
 import re
 
 import psutil
+import pytest
 
 from nsmagic.info import cgroup_version
+
+pytestmark = [pytest.mark.kernel, pytest.mark.root]
 
 
 def shown(cell, kinds=("stream", "display_data", "update_display_data", "clear_output", "execute_result")):
@@ -44,7 +47,7 @@ def test_every_cell_displays_through_one_publisher_that_the_kernel_never_wires(k
                               f"display(HTML('<i>{i}</i>'))").ok()
         assert [(k, d["text/html"]) for k, d, *_ in shown(cell)] == [("display_data", f"<i>{i}</i>")]
     # built once, in the kernel; only the children plug their channel into it
-    assert kernel.value("[p.channel for p in __import__('nsmagic.cell').cell._publishers.values()]") == [None]
+    assert kernel.value("[p.channel for p in __import__('nsmagic.shell').shell._publishers.values()]") == [None]
     assert kernel.value("type(get_ipython().display_pub).__name__") != "ChildDisplayPublisher"
 
 

@@ -13,6 +13,12 @@ from contextlib import contextmanager
 import psutil
 import pytest
 
+from nsmagic import mountinfo
+
+from helpers import wait_until
+
+pytestmark = [pytest.mark.kernel, pytest.mark.root]
+
 
 def inode(path: str) -> int:
     return os.stat(path).st_ino
@@ -20,8 +26,7 @@ def inode(path: str) -> int:
 
 def is_mount_point(path: str) -> bool:
     """From mountinfo: os.path.ismount misses a directory bind-mounted onto itself."""
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
+    return any(m.point == path for m in mountinfo.read())
 
 
 @pytest.fixture
@@ -69,12 +74,7 @@ def open_fds(pid: int) -> int:
 
 def no_more_fds_than(pid: int, before: int, seconds: float = 5.0) -> bool:
     """Whether the kernel's open fds drop back to *before* (its own come and go, e.g. zmq's)."""
-    end = time.monotonic() + seconds
-    while open_fds(pid) > before:
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
+    return wait_until(lambda: open_fds(pid) <= before, seconds, 0.05)
 
 
 # -- net ----------------------------------------------------------------------------------------
@@ -186,7 +186,8 @@ def _missing_pid() -> int:
     ("--join-net /etc/hostname", "/etc/hostname is not a namespace file"),
     ("--join-mnt /nonexistent/nsmtest", "/nonexistent/nsmtest does not exist"),
     ("--join-ipc foo", "give a path (/proc/PID/ns/ipc) or a PID"),
-    ("--join-net 1 --net", "--join-net and a fresh net namespace"),
+    ("--join-net 1 --net", "-n/--net and --join-net in one cell"),
+    ("--join-uts 1 --hostname box", "--hostname and --join-uts in one cell"),
 ])
 def test_bad_targets_are_usage_errors_naming_the_option(kernel, options, words):
     option = options.split()[0]

@@ -1,18 +1,23 @@
 """The library under the magic, used from plain Python (this pytest process), no IPython."""
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
 import textwrap
 import time
 
+import psutil
 import pytest
 
 from nsmagic import (CellTimeout, ChildDied, Namespaces, OutputError, Result, Sinks, execute, run,
                      run_code)
 from nsmagic.outcome import Outcome
+from helpers import wait_until
 from processes import kill_sleepers, wait_gone
+
+pytestmark = [pytest.mark.root]
 
 
 def test_run_returns_the_functions_value_from_fresh_namespaces():
@@ -75,11 +80,38 @@ def test_what_the_function_left_running_ends_with_it():
         kill_sleepers([sleeper])
 
 
-def test_timeout_kills_the_whole_pid_namespace():
+def _fill_the_pid_namespace_then_hang(duration: str, started: str) -> None:
+    """Two processes in the namespace, one of them detached into a session of its own, both
+    exec'd (Popen returns after the exec), then a hang that only the timeout ends."""
+    for detached in (False, True):
+        subprocess.Popen(["sleep", duration], start_new_session=detached)
+    with open(started, "w") as f:
+        f.write("2")
+    time.sleep(60)
+
+
+def _ours(duration: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.info["cmdline"] == ["sleep", duration]:
+            found.append(proc)
+    return found
+
+
+def test_timeout_kills_the_whole_pid_namespace(tmp_path):
+    duration = f"600.{secrets.randbelow(10**6):06d}"  # a command line no other process has
+    started = tmp_path / "started"
     t0 = time.monotonic()
-    with pytest.raises(CellTimeout, match="timeout of 0.5s"):
-        run(time.sleep, 60, namespaces=Namespaces(pid=True), timeout=0.5)
-    assert time.monotonic() - t0 < 0.5 + 1 + 3
+    try:
+        with pytest.raises(CellTimeout, match="timeout of 2s"):
+            run(_fill_the_pid_namespace_then_hang, duration, str(started),
+                namespaces=Namespaces(pid=True), timeout=2)
+        assert time.monotonic() - t0 < 30  # ended by the timeout, not by the cell's sleep
+        assert started.read_text() == "2", "the cell never started its processes"
+        assert wait_until(lambda: not _ours(duration), 5), f"left running: {_ours(duration)}"
+    finally:
+        for proc in _ours(duration):
+            proc.kill()
 
 
 def test_execute_with_own_sinks_and_job():

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from nsmagic import Namespaces, OptionError, run
-from nsmagic.mounts import Mounts
+from nsmagic.environment import prepare_all
+from nsmagic.environment.mounts import Mounts
 
 BUSYBOX = "/bin/busybox"
 APPLETS = ("sh", "ls", "ps", "hostname", "cat", "mount")
@@ -84,6 +85,8 @@ def guard(kernel) -> str:
 
 # -- tmpfs and binds, as root ----------------------------------------------------------------
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_tmpfs_is_fresh_and_writable_inside_and_invisible_on_host(kernel, tmp_path, mounts_unchanged):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -99,6 +102,8 @@ print(any(l.split()[4] == {str(scratch)!r} and ' - tmpfs ' in l for l in open('/
     assert sorted(os.listdir(scratch)) == ["host.txt"]
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_ro_bind_refuses_writes_and_leaves_source_unchanged(kernel, tmp_path, mounts_unchanged):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -118,6 +123,8 @@ for path in ({str(dst / 'a.txt')!r}, {str(dst / 'new.txt')!r}):
     assert tree(dst) == []
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_ro_bind_is_read_only_all_the_way_down(kernel, tmp_path, mounts_unchanged):
     """/dev has mounts under it (/dev/shm, a tmpfs the host can write): bound read-only, every
     one of them is read-only inside."""
@@ -136,6 +143,8 @@ except OSError as e:
     assert not os.path.exists("/dev/shm/nsmagic-test")
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_ro_bind_keeps_the_flags_the_source_had(kernel, tmp_path, mounts_unchanged):
     """A --tmpfs is nosuid,nodev; a read-only bind of it stays nosuid,nodev (inside a user
     namespace a remount that dropped them would be refused)."""
@@ -150,6 +159,8 @@ print(bool(os.statvfs({str(fresh)!r}).f_flag & os.ST_RDONLY))""").ok()
     assert cell.stdout.split() == ["True", "True", "True", "False"]
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_read_write_bind_writes_into_the_source(kernel, tmp_path, mounts_unchanged):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -164,6 +175,8 @@ print(sorted(os.listdir({str(dst)!r})))""").ok()
     assert tree(dst) == []
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_bind_of_a_file_onto_a_file(kernel, tmp_path, mounts_unchanged):
     src, dst = tmp_path / "src.txt", tmp_path / "dst.txt"
     src.write_text("source")
@@ -172,6 +185,7 @@ def test_bind_of_a_file_onto_a_file(kernel, tmp_path, mounts_unchanged):
     assert dst.read_text() == "destination"
 
 
+@pytest.mark.root
 def test_library_api_takes_lists(tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -190,6 +204,8 @@ def test_library_api_takes_lists(tmp_path):
 
 # -- a root filesystem, as root -----------------------------------------------------------
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_rootfs_is_a_container_from_scratch(kernel, rootfs, mounts_unchanged):
     host_name = kernel.value("__import__('socket').gethostname()")
     before = tree(rootfs)
@@ -221,6 +237,8 @@ open('/dev/null', 'w').write('gone')""").ok()
     assert tree(rootfs) == before
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_rootfs_binds_and_tmpfs_are_paths_inside_it(kernel, rootfs, tmp_path, mounts_unchanged):
     data, conf = tmp_path / "data", tmp_path / "conf"
     data.mkdir()
@@ -245,6 +263,8 @@ except OSError as e:
     assert tree(rootfs) == before  # /var/run -> /run resolved inside the rootfs, in its namespace
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_rootfs_what_the_cell_can_and_cannot_do(fresh_kernel, rootfs):
     """Loaded modules keep working, a new import cannot find the host's files, and an exception
     (formatted by IPython, which loads pygments on first use) still comes back as itself."""
@@ -267,6 +287,8 @@ except ImportError as e:
 
 # -- nothing is left behind ----------------------------------------------------------------
 
+@pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.parametrize("ending, ename", [
     ("os._exit(3)", "ChildDied"),
     ("os.kill(os.getpid(), 9)", "ChildDied"),
@@ -287,6 +309,8 @@ print(len(open('/proc/self/mountinfo').read().splitlines()))
 
 # -- bad values ----------------------------------------------------------------------------
 
+@pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.parametrize("options, words", [
     ("--rootfs /nonexistent-nsmagic", ["--rootfs", "does not exist"]),
     ("--rootfs {tmp}", ["--rootfs", "no /proc directory", "root filesystem"]),
@@ -312,6 +336,31 @@ def test_bad_values_are_usage_errors_before_the_child_starts(kernel, rootfs, tmp
     assert "body ran" not in cell.stdout
 
 
+@pytest.mark.kernel
+@pytest.mark.root
+def test_bind_root_on_root_without_rootfs_is_the_hosts_root_read_write(kernel, tmp_path, mounts_unchanged):
+    """bubblewrap's --bind / / with no --rootfs: accepted, the cell's / is the host's with its
+    mounts (nothing is mounted over it), writable, in a mount namespace of its own."""
+    (tmp_path / "t").mkdir()
+    cell = kernel.execute(f"%%innamespace --bind /:/ --tmpfs {tmp_path}/t\n"
+                          f"import os\nassert os.getpid() != {kernel.pid}\n"
+                          f"open('{tmp_path}/from-the-cell', 'w').write('x')\n"
+                          "print(os.stat('/proc/self/ns/mnt').st_ino != "
+                          f"os.stat('/proc/{kernel.pid}/ns/mnt').st_ino, sorted(os.listdir('/')) == {sorted(os.listdir('/'))!r})")
+    assert cell.ok().stdout == "True True\n"
+    assert (tmp_path / "from-the-cell").read_text() == "x"
+
+
+def test_bind_root_on_root_mounts_nothing(tmp_path):
+    part = Mounts(Namespaces(bind=["/:/", f"{tmp_path}:{tmp_path}"]))
+    prepare_all([part])
+    assert [m.target for m in part.mounts] == [str(tmp_path)]
+    with pytest.raises(OptionError, match="cannot mount over /"):  # --ro-bind / / still cannot be honoured
+        prepare_all([Mounts(Namespaces(ro_bind=["/:/"]))])
+
+
+@pytest.mark.kernel
+@pytest.mark.root
 def test_a_destination_hidden_by_another_mount_fails_naming_the_step(kernel, tmp_path, mounts_unchanged):
     """/a/b exists on the host, but the tmpfs on /a (mounted first, being the parent) hides it."""
     (tmp_path / "a" / "b").mkdir(parents=True)
@@ -324,19 +373,13 @@ def test_a_destination_hidden_by_another_mount_fails_naming_the_step(kernel, tmp
 def test_mounts_are_made_parents_first_and_explained(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     part = Mounts(Namespaces(bind=[f"{tmp_path}:{tmp_path}/a/b"], tmpfs=[f"{tmp_path}/a"]))
-    part.prepare()
+    prepare_all([part])
     assert [m.target for m in part.mounts] == [f"{tmp_path}/a", f"{tmp_path}/a/b"]
     assert part.explain() == [f"mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs {tmp_path}/a",
                               f"mount --rbind {tmp_path} {tmp_path}/a/b"]
 
 
 # -- rootless --------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def student(rootless_kernel):
-    rootless_kernel.execute("%load_ext nsmagic\nimport os, socket").ok()
-    return rootless_kernel
-
 
 @pytest.fixture
 def student_dir(student):
@@ -357,6 +400,8 @@ def host_mounts() -> list[str]:
     return eval(MOUNTS)
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.rootless
 def test_rootless_tmpfs_and_binds(student, student_dir):
     src, dst, ro, scratch = (student_dir / name for name in ("src", "dst", "ro", "scratch"))
@@ -381,6 +426,8 @@ for path in ({str(ro / 'nsmagic-test')!r}, {str(ro / 'shm' / 'nsmagic-test')!r})
     assert host_mounts() == before
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.rootless
 def test_rootless_rootfs(student, rootfs):
     before = host_mounts()
@@ -405,6 +452,8 @@ print('-- hostname')
     assert host_mounts() == before
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.rootless
 def test_rootless_rootfs_without_pid_namespace_binds_the_hosts_proc(student, rootfs):
     """Linux allows a fresh /proc only to the owner of the PID namespace: without -p, the

@@ -6,6 +6,8 @@ process than the kernel, so a broken magic could never change this machine.
 
 import pytest
 
+pytestmark = [pytest.mark.kernel, pytest.mark.root]
+
 NS = ["mnt", "uts", "ipc", "net", "pid", "user", "cgroup", "time"]
 FLAG_OF = {"-m": "mnt", "-u": "uts", "-i": "ipc", "-n": "net", "-p": "pid", "-U": "user",
            "-C": "cgroup", "-T": "time"}

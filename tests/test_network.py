@@ -17,21 +17,14 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import psutil
 import pytest
 
+from helpers import wait_until
+
 IP_FREEBIND = 15
 
 
 def links(pid: int) -> set[str]:
     """The veth ends a process with this pid made that are on the host now."""
     return {name for _, name in socket.if_nameindex() if name.startswith(f"nsm{pid:x}-")}
-
-
-def wait_until(predicate, seconds: float = 10.0) -> bool:
-    end = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def free_prefix() -> ipaddress.IPv4Network:
@@ -123,6 +116,8 @@ print(repr((up, got)))
 """
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_lo_is_down_in_a_new_net_namespace_and_up_with_lo(kernel):
     assert kernel.value_in("-n", "__import__('os').getpid() != %d" % kernel.pid)
     down = kernel.execute(f"%%innamespace -n{LO_PROBE}").ok()
@@ -131,6 +126,8 @@ def test_lo_is_down_in_a_new_net_namespace_and_up_with_lo(kernel):
     assert eval(up.stdout) == (1, "over lo")
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_lo_alone_does_not_import_pyroute2(fresh_kernel):
     assert fresh_kernel.value_in("--lo", "__import__('socket').if_nameindex()") == [(1, "lo")]
     assert fresh_kernel.value("'pyroute2' in __import__('sys').modules") is False
@@ -138,6 +135,8 @@ def test_lo_alone_does_not_import_pyroute2(fresh_kernel):
 
 # -- veth ---------------------------------------------------------------------------------------
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_auto_veth_is_a_free_link_local_30_with_a_default_route(kernel, no_leak):
     host, child, names, gateway, pid = kernel.value_in("--veth", """(
         __import__('os').environ['NSMAGIC_VETH_HOST'], __import__('os').environ['NSMAGIC_VETH_CHILD'],
@@ -155,6 +154,8 @@ def test_auto_veth_is_a_free_link_local_30_with_a_default_route(kernel, no_leak)
     assert route[0] == "eth0" and ipaddress.IPv4Address(bytes(reversed(bytes.fromhex(route[2])))) == host
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_ping_both_ways_and_http_from_the_host_to_the_child(kernel, no_leak):
     cell = Running(kernel, """%%innamespace --veth --timeout 60
 import http.server, os, subprocess
@@ -195,6 +196,8 @@ class _FreeBindServer(HTTPServer):
         super().server_bind()
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_child_reaches_a_server_on_the_host_end(kernel, no_leak):
     net = free_prefix()
     host, child = net.network_address + 1, net.network_address + 2
@@ -226,6 +229,8 @@ def test_child_reaches_a_server_on_the_host_end(kernel, no_leak):
     assert seen == [str(child)]
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_explicit_child_address_and_reuse_in_consecutive_cells(kernel, no_leak):
     net = free_prefix()
     host, child = net.network_address + 2, net.network_address + 1
@@ -236,6 +241,8 @@ def test_explicit_child_address_and_reuse_in_consecutive_cells(kernel, no_leak):
         assert cell.stdout.split() == [str(child), "0"]
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_veth_into_a_user_and_pid_namespace(kernel, no_leak):
     # -r -p: the user namespace owns the network namespace and a second fork makes PID 1
     uid, pid, rc = kernel.value_in("-r -p --veth", "(__import__('os').getuid(), __import__('os').getpid(), "
@@ -244,6 +251,8 @@ def test_veth_into_a_user_and_pid_namespace(kernel, no_leak):
     assert (uid, pid, rc) == (0, 1, 0)
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.parametrize("value, words", [
     ("999.1.1.1/40", "not an IPv4 address"),
     ("169.254.77.1", "no prefix length"),
@@ -263,6 +272,8 @@ def test_bad_veth_values_are_usage_errors(kernel, no_leak, value, words):
     assert "body ran" not in cell.stdout
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_overlapping_prefix_is_refused_and_interrupt_removes_the_pair(kernel, fresh_kernel, no_leak):
     net = free_prefix()
     holder = Running(fresh_kernel, f"%%innamespace --veth {net.network_address + 1}/30\nimport time\n"
@@ -279,6 +290,8 @@ def test_overlapping_prefix_is_refused_and_interrupt_removes_the_pair(kernel, fr
     assert wait_until(lambda: not links(fresh_kernel.pid)), links(fresh_kernel.pid)
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.parametrize("options, body, ename", [
     ("--veth", "import os\nos._exit(3)", "ChildDied"),
     ("--veth --timeout 1", "import time\ntime.sleep(30)", "CellTimeout"),
@@ -292,6 +305,8 @@ def test_pair_is_removed_however_the_cell_ends(kernel, no_leak, options, body, e
     assert kernel.value_in("--veth", "__import__('os').environ['NSMAGIC_VETH_CHILD'].startswith('169.254.')")
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_many_veth_cells_leak_no_fds_or_threads(kernel, no_leak):
     kernel.value_in("--veth", "1")
     proc = psutil.Process(kernel.pid)
@@ -306,6 +321,7 @@ def test_many_veth_cells_leak_no_fds_or_threads(kernel, no_leak):
     assert wait_until(lambda: proc.num_threads() <= threads, 5), (proc.num_threads(), threads)
 
 
+@pytest.mark.root
 def test_library_veth_from_a_plain_python_process():
     from nsmagic import Namespaces, run
 
@@ -324,6 +340,8 @@ def test_library_veth_from_a_plain_python_process():
 
 # -- rootless -----------------------------------------------------------------------------------
 
+@pytest.mark.kernel
+@pytest.mark.root
 @pytest.mark.rootless
 def test_rootless_lo_works_and_veth_says_it_needs_root(rootless_kernel):
     rootless_kernel.execute("%load_ext nsmagic").ok()
@@ -339,6 +357,8 @@ def test_rootless_lo_works_and_veth_says_it_needs_root(rootless_kernel):
     assert len(cell.traceback.splitlines()) == 1
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_line_magic_takes_veth_with_or_without_a_value(kernel, no_leak):
     net = free_prefix()
     alone = kernel.execute("%innamespace --veth [n for _, n in __import__('socket').if_nameindex()]").ok()
@@ -347,6 +367,8 @@ def test_line_magic_takes_veth_with_or_without_a_value(kernel, no_leak):
     assert given.result == {"text/plain": repr(str(net.network_address + 2))}
 
 
+@pytest.mark.kernel
+@pytest.mark.root
 def test_a_killed_kernel_leaves_no_pair_behind(fresh_kernel):
     import signal
 

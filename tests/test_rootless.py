@@ -2,15 +2,10 @@
 
 import pytest
 
+from helpers import MAPPED_MEMFDS
 from processes import kill_sleepers, wait_gone
 
-pytestmark = pytest.mark.rootless
-
-
-@pytest.fixture(scope="module")
-def student(rootless_kernel):
-    rootless_kernel.execute("%load_ext nsmagic\nimport os, socket").ok()
-    return rootless_kernel
+pytestmark = [pytest.mark.rootless, pytest.mark.kernel, pytest.mark.root]
 
 
 def test_net_without_user_namespace_fails_with_advice(student):
@@ -40,7 +35,6 @@ print(os.getpid(), socket.gethostname(), sorted(int(p) for p in os.listdir('/pro
     assert cell.stdout.split() == ["1", "student-box", "[1]"]
 
 
-MAPPED_MEMFDS = "sum('nsmagic-values' in line for line in open('/proc/self/maps'))"
 
 
 def test_large_values_come_back_read_straight_from_the_child(student):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.rootless
+pytestmark = [pytest.mark.rootless, pytest.mark.kernel, pytest.mark.root]
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000

@@ -5,6 +5,9 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.kernel, pytest.mark.root]
 
 MIXED = ["-n -p --mount-proc", "-r -p -n", "-u -i", "-m -C", "-T --monotonic 5", "-U", "-n -o leak_check"]
 

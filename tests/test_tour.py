@@ -153,6 +153,8 @@ def test_stored_notebook_is_small_and_tagged():
 # -- the run as a whole ------------------------------------------------------------------------
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_only_the_tagged_cells_failed(executed):
     for c in executed.cells:
         if c.cell_type != "code":
@@ -168,6 +170,8 @@ def test_only_the_tagged_cells_failed(executed):
         assert "nsmagic/" not in "".join(o.get("text", "") for o in c.outputs), c.source
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_the_host_is_as_before(executed, host_before):
     assert socket.gethostname() == host_before["hostname"]
     assert _mount_points() == host_before["mounts"]
@@ -180,6 +184,8 @@ def test_the_host_is_as_before(executed, host_before):
 # -- one test per section -------------------------------------------------------------------------
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_kernel_view(executed):
     out = stdout(executed, "check-kernel")
     assert int(line_value(out, "pid:")) > 1
@@ -188,6 +194,8 @@ def test_kernel_view(executed):
         assert re.search(rf"^/proc/self/ns/{kind}\s+-> {kind}:\[\d+\]$", out, re.M), kind
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_first_cell_is_a_child_in_the_kernels_namespaces(executed):
     out = stdout(executed, "check-first")
     child, kernel = re.search(r"child pid: (\d+)\s+kernel pid: (\d+)", out).groups()
@@ -196,6 +204,8 @@ def test_first_cell_is_a_child_in_the_kernels_namespaces(executed):
     assert result(executed, "check-first") == "True"
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_net_has_only_lo_and_it_is_down(executed):
     out = stdout(executed, "check-net")
     assert line_value(out, "new namespaces:") == "['net']"
@@ -204,12 +214,16 @@ def test_net_has_only_lo_and_it_is_down(executed):
     assert re.search(r"^lo\s+DOWN", out, re.M)  # from !ip -brief link
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_pid_without_mount_proc_sees_the_hosts_proc(executed):
     pid, seen = ast.literal_eval(result(executed, "check-pid-no-proc"))
     assert pid == 1
     assert seen > 1
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_pid_with_mount_proc_is_pid_1_alone(executed):
     out = stdout(executed, "check-pid")
     assert line_value(out, "my pid:").startswith("1 ")
@@ -221,6 +235,8 @@ def test_pid_with_mount_proc_is_pid_1_alone(executed):
     assert max(pids) < 10  # only the namespace's own processes
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_what_a_cell_leaves_running_ends_with_it(executed):
     started = line_value(stdout(executed, "check-leftover"), "started pid")
     try:
@@ -230,6 +246,8 @@ def test_what_a_cell_leaves_running_ends_with_it(executed):
         kill_sleepers([int(started.split()[0])])
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_hostname_inside_and_unchanged_in_the_kernel(executed):
     out = stdout(executed, "check-hostname")
     assert line_value(out, "hostname inside:") == "box"
@@ -238,10 +256,14 @@ def test_hostname_inside_and_unchanged_in_the_kernel(executed):
     assert line_value(stdout(executed, "check-hostname-kernel"), "hostname in the kernel:") == socket.gethostname()
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_line_magic_value(executed):
     assert result(executed, "check-line-magic") == "'box'"
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_ipc_queue_visible_only_in_the_kernel(executed):
     kernel = stdout(executed, "check-ipc-kernel")
     assert line_value(kernel, "the kernel sees our queue:") == "True"
@@ -251,6 +273,8 @@ def test_ipc_queue_visible_only_in_the_kernel(executed):
     assert line_value(stdout(executed, "check-ipc-cleanup"), "queue removed:") == "True"
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_mount_only_inside(executed):
     inside = stdout(executed, "check-mount")
     assert re.search(r"/nsmagic-tour-\S+\s+tour-tmpfs\s+tmpfs", inside)  # from !findmnt
@@ -260,6 +284,8 @@ def test_mount_only_inside(executed):
     assert line_value(kernel, "files in the kernel:") == "[]"
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_user_namespace_is_the_overflow_user(executed):
     out = stdout(executed, "check-user")
     assert line_value(out, "uid, gid inside:") == "65534 65534"
@@ -267,6 +293,8 @@ def test_user_namespace_is_the_overflow_user(executed):
     assert line_value(out, "new namespaces:") == "['user']"
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_map_root_user_is_root_inside(executed):
     out = stdout(executed, "check-root")
     assert line_value(out, "uid, gid inside:") == "0 0"
@@ -274,12 +302,16 @@ def test_map_root_user_is_root_inside(executed):
     assert "uid=0(root)" in out  # from !id
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_cgroup_namespace_is_rooted_at_slash(executed):
     lines = [line for line in stdout(executed, "check-cgroup").splitlines() if re.match(r"^\d+:", line)]
     assert lines
     assert all(line.endswith(":/") for line in lines), lines
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_time_namespace_shifts_monotonic_and_boottime_only(executed):
     out = stdout(executed, "check-time-kernel")
     shift = {clock: float(line_value(out, f"{clock}:").split("=")[1].split()[0])
@@ -291,6 +323,8 @@ def test_time_namespace_shifts_monotonic_and_boottime_only(executed):
     assert abs(inside_uptime - kernel_uptime - 3600) < 5
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_outputs_come_back_and_nothing_else(executed):
     assert cell(executed, "check-out").outputs == []
     out = stdout(executed, "check-out-kernel")
@@ -299,6 +333,8 @@ def test_outputs_come_back_and_nothing_else(executed):
     assert line_value(out, "is 'scratch' defined in the kernel?") == "False"
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_changes_inside_stay_inside(executed):
     inside = stdout(executed, "check-isolation")
     assert "inside: counter = 101" in inside
@@ -311,6 +347,8 @@ def test_changes_inside_stay_inside(executed):
     assert f"cwd = {NOTEBOOK.parent}" in kernel
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_timeout_kills_the_cell_after_its_finally_ran(executed):
     err = error(executed, "check-timeout")
     assert err is not None and err.ename == "CellTimeout"
@@ -321,6 +359,8 @@ def test_timeout_kills_the_cell_after_its_finally_ran(executed):
     assert "KeyboardInterrupt" not in stderr(executed, "check-timeout")
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_unpicklable_output_names_the_variable(executed):
     err = error(executed, "check-output-error")
     assert err is not None and err.ename == "OutputError"
@@ -329,6 +369,8 @@ def test_unpicklable_output_names_the_variable(executed):
     assert result(executed, "check-output-error-kernel") == "[0, 1, 4, 9, 16]"
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_cell_exception_comes_back_as_itself(executed):
     err = error(executed, "check-cell-error")
     assert err is not None and err.ename == "OSError"
@@ -337,17 +379,23 @@ def test_cell_exception_comes_back_as_itself(executed):
     assert re.search(r"----> 3 socket\.create_connection", traceback)  # the cell's own line 3
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_flags(executed):
     out = stdout(executed, "check-flags")
     assert line_value(out, "options:") == "-m -u -n -p --mount-proc"
     assert line_value(out, "flags:").endswith("= 0x64020000")
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_library_run(executed):
     value = ast.literal_eval(result(executed, "check-run"))
     assert value == {"pid": 1, "hostname": "lib", "interfaces": [(1, "lo")]}
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_library_run_code(executed):
     out = stdout(executed, "check-run-code")
     assert line_value(out, "value:") == "1   values: {'answer': 42}"
@@ -357,6 +405,8 @@ def test_library_run_code(executed):
     assert result(executed, "check-from-flags") == "'flags'"
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_settings_default_options(executed):
     out = stdout(executed, "check-settings")
     assert line_value(out, "pid with default_options '--pid --mount-proc':") == "1"
@@ -367,6 +417,8 @@ def test_settings_default_options(executed):
 # -- the newer features: %nsinfo, --explain, rich output, containers from scratch ------------------
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_nsinfo_is_the_first_cell_after_load_ext(executed):
     code = [c for c in executed.cells if c.cell_type == "code"]
     assert code[0].source.strip() == "%load_ext nsmagic"
@@ -374,6 +426,8 @@ def test_nsinfo_is_the_first_cell_after_load_ext(executed):
     assert "check-nsinfo" in code[1].metadata.get("tags", [])
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_nsinfo_lists_every_kind_with_the_kernels_namespace(executed):
     out, = outputs_of(executed, "check-nsinfo", "execute_result")
     text, html = out.data["text/plain"], out.data["text/html"]
@@ -386,6 +440,8 @@ def test_nsinfo_lists_every_kind_with_the_kernels_namespace(executed):
     assert re.search(r"^cgroups: (v1|v2|hybrid)", text, re.M)
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_explain_shows_the_calls_and_the_namespaces(executed):
     shown = outputs_of(executed, "check-explain", "display_data")
     assert len(shown) == 1
@@ -417,6 +473,8 @@ def test_explain_shows_the_calls_and_the_namespaces(executed):
     assert line_value(stdout(executed, "check-explain"), "pid") == "1 on box with new namespaces: ['mnt', 'net', 'pid', 'uts']"
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_rich_output_from_inside(executed):
     outputs = cell(executed, "check-rich").outputs
     shown = [o for o in outputs if o.output_type == "display_data"]
@@ -439,12 +497,16 @@ def test_rich_output_from_inside(executed):
         assert "inside: 100%" in bar and "20/20" in bar
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_lo_makes_127_0_0_1_work(executed):
     out = stdout(executed, "check-lo")
     assert ast.literal_eval(line_value(out, "states:")) == {"lo": "UP"}
     assert line_value(out, "127.0.0.1 works:") == "hello over lo"
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_veth_links_the_cell_to_the_host(executed):
     out = stdout(executed, "check-veth")
     assert [name for _, name in ast.literal_eval(line_value(out, "interfaces:"))] == ["lo", "eth0"]
@@ -457,6 +519,8 @@ def test_veth_links_the_cell_to_the_host(executed):
     assert "1 packets transmitted, 1 received" in out or f"the host end answered: {host}" in out
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_memory_limit_ends_in_the_oom_killer(executed):
     err = error(executed, "check-memory")
     assert err is not None and err.ename == "ChildDied"
@@ -467,6 +531,8 @@ def test_memory_limit_ends_in_the_oom_killer(executed):
     assert max(held) < 64  # holding 64 MiB of its own would be over the limit
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_pids_limit_stops_forks(executed):
     out = stdout(executed, "check-pids")
     started = int(re.search(r"started (\d+) of 20 sleep processes", out).group(1))
@@ -474,6 +540,8 @@ def test_pids_limit_stops_forks(executed):
     assert line_value(out, "fork refused:").startswith("BlockingIOError [Errno 11]")
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_tmpfs_and_ro_bind(executed):
     out = stdout(executed, "check-mounts")
     assert re.search(r"^/tmp/nsmagic-tour-\S+/view\s+\S+\s+ro,", out, re.M)  # from !findmnt
@@ -487,6 +555,8 @@ def test_tmpfs_and_ro_bind(executed):
     assert line_value(kernel, "scratch in the kernel:") == "[]"
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_rootfs_is_the_cells_whole_world(executed):
     out = stdout(executed, "check-rootfs")
     assert line_value(out, "/ holds:") == "['bin', 'dev', 'proc', 'tmp']   hostname: box"

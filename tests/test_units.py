@@ -220,6 +220,7 @@ def test_values_are_pushed_through_the_memfd_when_they_cannot_be_pulled():
         os.close(fd)
 
 
+@pytest.mark.root
 def test_unload_and_reload_the_extension():
     from IPython.testing.globalipapp import get_ipython
 
@@ -242,14 +243,14 @@ def test_a_history_thread_that_misses_its_stop_is_still_stopped_before_a_fork(tm
     from IPython.core.history import HistoryManager
     from IPython.testing.globalipapp import get_ipython
 
-    from nsmagic.history import stop_saving_threads
+    from nsmagic.shell import stop_saving_threads
 
     manager = HistoryManager(shell=get_ipython(), hist_file=tmp_path / "history.sqlite")
     thread = manager.save_thread
     assert thread is not None and thread.is_alive()
     if not (hasattr(HistoryManager, "_restart_thread_if_stopped") and hasattr(thread, "_stop_now")):
         thread.stop()  # IPython 8: its thread, left alone by nsmagic (nothing stops it at a fork)
-        pytest.skip("this IPython's history thread is not the one nsmagic.history guards")
+        pytest.skip("this IPython's history thread is not the one nsmagic.shell guards")
 
     clearing = threading.Event()
 
@@ -345,6 +346,7 @@ def _sweeper(body):
                 pass
 
 
+@pytest.mark.root
 def test_the_childs_sweep_leaves_what_it_may_not_kill_rather_than_hang():
     """A leftover of another user (root's sleep under a sweeper that became nobody): kill() is
     refused, and the sweep must return instead of waiting for it forever."""
@@ -369,6 +371,7 @@ def test_the_childs_sweep_leaves_what_it_may_not_kill_rather_than_hang():
         assert os.path.exists(f"/proc/{sleeper}")  # left to init, not killed
 
 
+@pytest.mark.root
 def test_the_childs_sweep_waits_no_longer_than_its_patience():
     """A leftover whose death takes longer than the sweep's patience (here: none, and a heap to
     tear down) is left dying to init; a sweep that waited for it would have reaped it."""
@@ -401,3 +404,76 @@ def test_the_childs_sweep_waits_no_longer_than_its_patience():
         assert float(took) < 1
         assert state != "Z", "the sweep waited for the leftover's end"
         assert wait_gone([heap]) == [], "the leftover was not killed"
+
+
+def test_one_table_names_every_namespace_kind_once():
+    from nsmagic import kinds
+    assert {k.flag for k in kinds.KINDS} == set(CloneFlag)
+    assert [k.proc for k in kinds.KINDS] == ["mnt", "uts", "ipc", "net", "pid", "user", "cgroup", "time"]
+    assert kinds.JOINABLE == ("mnt", "uts", "ipc", "net", "pid", "user")
+    import os
+    for k in kinds.KINDS:  # each /proc name is the kernel's own
+        assert os.path.exists(f"/proc/self/ns/{k.proc}") or k.proc == "time"
+        assert Namespaces(**{k.field: True}).flags == k.flag
+        assert Namespaces.from_flags(k.flag).describe() == k.letter
+
+
+def test_mountinfo_lines_are_parsed_with_optional_fields_and_escapes():
+    from nsmagic.mountinfo import parse, read
+    text = ("36 35 98:0 /mnt1 /mnt\\040two\\134x rw,noatime master:1 shared:2 - ext3 /dev/root rw,errors=continue\n"
+            "37 36 0:5 / /tmp\\011tab rw - tmpfs tmp\\040fs rw\n"
+            "not a mount line\n")
+    a, b = parse(text)
+    assert (a.id, a.parent, a.root, a.point, a.options) == ("36", "35", "/mnt1", "/mnt two\\x", "rw,noatime")
+    assert (a.fstype, a.source, a.super_options) == ("ext3", "/dev/root", "rw,errors=continue")
+    assert (b.point, b.source) == ("/tmp\ttab", "tmp fs")
+    assert any(m.point == "/" for m in read())
+
+
+def test_the_library_never_imports_ipython():
+    """run, run_code, execute and everything under them work without IPython: only
+    nsmagic.shell and nsmagic.magics touch it, and shell only once a shell hands it a cell."""
+    import subprocess
+    import sys
+    script = ("import sys, nsmagic, nsmagic.runner, nsmagic.clone, nsmagic.child, nsmagic.environment, "
+              "nsmagic.shell, nsmagic.info\n"
+              "from nsmagic import run, run_code, execute\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('IPython', 'ipykernel', 'traitlets')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("asked, kind, named", [
+    ({"net": True}, "net", "-n/--net and --join-net in one cell: -n/--net makes a fresh network namespace"),
+    ({"hostname": "box"}, "uts", "--hostname and --join-uts in one cell: --hostname makes a fresh UTS"),
+    ({"lo": True}, "net", "--lo and --join-net in one cell"),
+    ({"lo": True, "veth": ""}, "net", "--lo, --veth and --join-net in one cell: --lo, --veth make"),
+    ({"mount_proc": True, "pid": True}, "mnt", "--mount-proc and --join-mnt in one cell"),
+    ({"bind": ["/a:/b"]}, "mnt", "--bind and --join-mnt in one cell"),
+    ({"mount": True, "tmpfs": ["/t"]}, "mnt", "-m/--mount, --tmpfs and --join-mnt"),
+    ({"map_root_user": True}, "user", "-r/--map-root-user and --join-user in one cell"),
+    ({"boottime": 5}, "user", None),
+])
+def test_a_fresh_namespace_and_a_joined_one_are_refused_naming_the_options_typed(asked, kind, named):
+    if named is None:
+        Namespaces(join={kind: "1"}, **asked)  # no conflict: --boottime asks for a time namespace
+        return
+    with pytest.raises(OptionError) as e:
+        Namespaces(join={kind: "1"}, **asked)
+    assert str(e.value).startswith(named), str(e.value)
+    assert "drop one of them" in str(e.value)
+
+
+def test_signal_names_are_in_our_words():
+    import signal
+
+    from nsmagic.errors import ChildDied
+
+    crashed = ChildDied(7, signal.SIGSEGV)  # a wait status: killed by SIGSEGV
+    assert (crashed.signal, crashed.exitcode) == (signal.SIGSEGV, None)
+    assert "(pid 7) was killed by signal 11 (SIGSEGV, segmentation fault) before" in str(crashed)
+    exited = ChildDied(7, 3 << 8, reason="the OOM killer")  # exited with status 3
+    assert (exited.signal, exited.exitcode) == (None, 3)
+    assert "exited with status 3: the OOM killer before the cell finished" in str(exited)
+    assert "(SIGUSR1)" in str(ChildDied(7, signal.SIGUSR1))  # a signal without words of ours

@@ -30,7 +30,7 @@ PYTHON = os.environ.get("NSMAGIC_VM_PYTHON", "")
 KERNEL = r"""
 import json, os, sys
 from nsmagic import Namespaces, run
-from nsmagic.cgroups import describe
+from nsmagic.environment.cgroups import describe
 
 def own():
     return [l for l in open('/proc/self/cgroup').read().splitlines() if l.startswith('0::')][0][3:]

@@ -19,26 +19,19 @@ import errno
 import fcntl
 import os
 
-from .errors import OptionError, PrivilegeError
-from .parts import Part
-from .spec import Namespaces
-from .steps import StepFailed, record
-from .syscalls import CloneFlag, setns
+from ..errors import OptionError, PrivilegeError, StepFailed
+from ..kinds import BY_FLAG, BY_PROC, JOINABLE
+from ..spec import Namespaces
+from ..steps import do
+from ..syscalls import setns
+from .base import Part
 
 #: ioctl(2) on a namespace file: its CLONE_NEW* type (Linux 4.11).
 NS_GET_NSTYPE = 0xB703
 
-#: Kinds in the order they are entered, and their flags.
-_FLAGS = {
-    "user": CloneFlag.NEWUSER,
-    "ipc": CloneFlag.NEWIPC,
-    "uts": CloneFlag.NEWUTS,
-    "net": CloneFlag.NEWNET,
-    "pid": CloneFlag.NEWPID,
-    "mnt": CloneFlag.NEWNS,
-}
-_KIND_OF = {flag: kind for kind, flag in _FLAGS.items()}
-_KIND_OF.update({CloneFlag.NEWCGROUP: "cgroup", CloneFlag.NEWTIME: "time"})
+#: Kinds in the order they are entered (nsenter's), and their flags.
+_FLAGS = {kind: BY_PROC[kind].flag for kind in ("user", "ipc", "uts", "net", "pid", "mnt")}
+assert set(_FLAGS) == set(JOINABLE)
 
 
 class JoinNamespaces(Part):
@@ -47,11 +40,15 @@ class JoinNamespaces(Part):
         self.paths: dict[str, str] = {}
         self.fds: dict[str, int] = {}
 
+    def check(self) -> None:
+        self.paths = {kind: _resolve(kind, target) for kind, target in self.targets.items()}
+
     def prepare(self) -> None:
-        for kind, target in self.targets.items():
-            path = _resolve(kind, target)
+        """Open the targets (a missing or wrong one fails here, before the fork): nothing is made
+        on the host, and :meth:`cleanup` closes them."""
+        for kind, path in self.paths.items():
+            target = self.targets[kind]
             self.fds[kind] = _open(kind, target, path)
-            self.paths[kind] = path
             _check_kind(kind, target, path, self.fds[kind])
         if "user" in self.fds and _same(self.fds["user"], "/proc/self/ns/user"):
             os.close(self.fds.pop("user"))  # setns(2) refuses our own user namespace (EINVAL)
@@ -72,17 +69,14 @@ class JoinNamespaces(Part):
 
     def _enter(self, kind: str, fd: int, may_refuse: bool = False) -> bool:
         """setns(2) into one namespace; False if refused and *may_refuse* (to retry later)."""
-        call = f"setns({self.paths[kind]}, CLONE_{_FLAGS[kind].name})"
         try:
-            setns(fd, _FLAGS[kind])
-            record(call)
+            do(f"setns({self.paths[kind]}, CLONE_{_FLAGS[kind].name}) for --join-{kind}", setns, fd, _FLAGS[kind],
+               hints=lambda err: _advice(kind, err))
             return True
-        except OSError as e:
-            err = e.errno or errno.EIO
-            if may_refuse and err == errno.EPERM:
+        except StepFailed as e:
+            if may_refuse and e.errno == errno.EPERM:
                 return False
-            raise StepFailed(f"{call} for --join-{kind}",
-                             err, f"{os.strerror(err)}{_advice(kind, err)}") from None
+            raise
 
     def explain(self) -> list[str]:
         return [f"open({path}) + ioctl(NS_GET_NSTYPE)  [--join-{kind}]" for kind, path in self.paths.items()]
@@ -131,7 +125,7 @@ def _check_kind(kind: str, target: str, path: str, fd: int) -> None:
         raise OptionError(f"--join-{kind} {target}: {path} is not a namespace file "
                           f"(such as /proc/PID/ns/{kind})") from None
     if nstype != _FLAGS[kind]:
-        other = _KIND_OF.get(nstype, hex(nstype))
+        other = BY_FLAG[nstype].proc if nstype in BY_FLAG else hex(nstype)
         hint = f"; use --join-{other}" if other in _FLAGS else ""
         raise OptionError(f"--join-{kind} {target}: {path} is a {other} namespace, not a {kind} one{hint}")
 
@@ -150,12 +144,10 @@ def _become_root_inside() -> None:
         pass
     for change in (os.setgid, os.setuid):
         try:
-            change(0)
-            record(f"{change.__name__}(0)")
-        except OSError as e:
+            do(f"{change.__name__}(0) after --join-user", change, 0, hints={})
+        except StepFailed as e:
             if e.errno != errno.EINVAL:  # EINVAL: 0 is not mapped there
-                raise StepFailed(f"{change.__name__}(0) after --join-user", e.errno,
-                                 os.strerror(e.errno)) from None
+                raise
 
 
 def _advice(kind: str, err: int) -> str:

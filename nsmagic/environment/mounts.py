@@ -28,14 +28,14 @@ import ctypes
 import errno
 import os
 import stat
-import sys
 from dataclasses import dataclass
 
-from . import syscalls
-from .errors import OptionError
-from .parts import Part
-from .spec import Namespaces
-from .steps import StepFailed
+from .. import mountinfo, syscalls
+from ..errors import OptionError, StepFailed
+from ..shell import fit_shell, preload
+from ..spec import Namespaces
+from ..steps import do
+from .base import Part
 
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20
@@ -86,18 +86,22 @@ class Mounts(Part):
 
     # -- the kernel's side ------------------------------------------------------------------
 
-    def prepare(self) -> None:
+    def check(self) -> None:
         if self.spec.rootfs is not None:
             self.root, self.proc, self.dev = _check_rootfs(self.spec.rootfs)
             self.pivot_nr = _pivot_root_number()
             self.devices = [name for name in _DEVICES if os.path.exists(f"/dev/{name}")]
-            _preload()
         for directory in _listed("--tmpfs", self.spec.tmpfs):
             self.mounts.append(self._tmpfs(directory))
         for option, values in (("--bind", self.spec.bind), ("--ro-bind", self.spec.ro_bind)):
             for value in _listed(option, values):
-                self.mounts.append(self._bind(option, value))
+                if not (option == "--bind" and self._binds_root_on_itself(value)):
+                    self.mounts.append(self._bind(option, value))
         self.mounts.sort(key=lambda m: m.target.rstrip("/").count("/"))
+
+    def prepare(self) -> None:
+        if self.root is not None:
+            preload()
 
     def _tmpfs(self, directory) -> _Mount:
         option = f"--tmpfs {directory}"
@@ -107,6 +111,14 @@ class Mounts(Part):
         if not stat.S_ISDIR(_stat(option, target, f"the destination {shown}", self.root).st_mode):
             raise OptionError(f"{option}: {shown} is not a directory; a tmpfs is mounted on a directory")
         return _Mount("tmpfs", None, target, shown)
+
+    def _binds_root_on_itself(self, value) -> bool:
+        """``--bind /:/`` with no ``--rootfs`` (bubblewrap's ``--bind / /``): the cell's root
+        already is the host's, with every mount under it, which is what a recursive bind of /
+        would give; so it is accepted and nothing is mounted. (A mount over / would not even be
+        seen: a process's root stays the mount it had, under anything stacked on it.)"""
+        return (self.spec.rootfs is None and isinstance(value, str) and value.count(":") == 1
+                and all(part and os.path.realpath(part) == "/" for part in value.split(":")))
 
     def _bind(self, flag: str, value) -> _Mount:
         if not isinstance(value, str) or value.count(":") != 1 or value.startswith(":") or value.endswith(":"):
@@ -175,7 +187,7 @@ class Mounts(Part):
                 _bind_mount(m)
         if root is not None:
             _pivot(root, self.pivot_nr)
-            _fit_shell()
+            fit_shell()
 
 
 # -- checks, in the kernel -----------------------------------------------------------------
@@ -260,52 +272,18 @@ def _pivot_root_number() -> int:
     return known[1]
 
 
-_preloaded = False
-
-
-def _preload() -> None:
-    """Import in the kernel, once, what a notebook cell may need only after pivot_root, when
-    no module can be imported any more that was not imported before.
-
-    IPython loads some of its machinery on first use: the modules that colour a traceback
-    (pygments' style and lexer; a cell that raised would die in the formatting instead of
-    failing with its own exception) and, since IPython 9, pexpect, which runs ``!cmd``."""
-    global _preloaded
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    if _preloaded or shell is None:
-        return
-    try:
-        import pexpect  # noqa: F401
-    except ImportError:  # not installed: nothing to load
-        pass
-    formatter = shell.InteractiveTB
-    kept = formatter.__dict__.get("tb", _preload)  # %debug debugs the last one it formatted
-    try:
-        raise RuntimeError("nsmagic warms up IPython's traceback formatting")
-    except RuntimeError as e:
-        formatter.structured_traceback(type(e), e, e.__traceback__, tb_offset=0)
-    finally:
-        if kept is _preload:
-            formatter.__dict__.pop("tb", None)
-        else:
-            formatter.tb = kept
-    _preloaded = True
-
-
 # -- mounting, in the child ----------------------------------------------------------------
 
+_HINTS = {
+    errno.EPERM: " (mounting needs privilege in the mount namespace; -r gives it without root)",
+    errno.ENOENT: " (a destination inside another of the cell's mounts must exist there)",
+    errno.EOVERFLOW: " (the cell's uid is not mapped in its user namespace; add -r)",
+}
+
+
 def _step(step: str, fn, *args) -> None:
-    try:
-        fn(*args)
-    except OSError as e:
-        err = e.errno or errno.EIO
-        hint = {
-            errno.EPERM: " (mounting needs privilege in the mount namespace; -r gives it without root)",
-            errno.ENOENT: " (a destination inside another of the cell's mounts must exist there)",
-            errno.EOVERFLOW: " (the cell's uid is not mapped in its user namespace; add -r)",
-        }.get(err, "")
-        raise StepFailed(step, err, f"{os.strerror(err)}{hint}") from None
+    """One mount step; :meth:`Mounts.explain` lists them from the kernel, so they are not recorded."""
+    do(step, fn, *args, hints=_HINTS, explained=False)
 
 
 def _bind_mount(m: _Mount) -> None:
@@ -329,20 +307,8 @@ def _kept_flags(path: str) -> int:
 
 
 def _mounts() -> dict[str, str]:
-    """Mount id -> mount point, from ``/proc/self/mountinfo``."""
-    out = {}
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split(b" ")
-            out[fields[0].decode()] = _unescape(os.fsdecode(fields[4]))
-    return out
-
-
-def _unescape(path: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    for code in ("040", "011", "012", "134"):
-        path = path.replace("\\" + code, chr(int(code, 8)))
-    return path
+    """Mount id -> mount point, as this process sees them."""
+    return {m.id: m.point for m in mountinfo.read()}
 
 
 def _mount_proc(target: str) -> None:
@@ -350,10 +316,11 @@ def _mount_proc(target: str) -> None:
     user namespace that does not also own the PID namespace (rootless without -p); the /proc the
     child sees is bound instead, as rootless podman does for a container sharing the host's PIDs."""
     try:
-        syscalls.mount("proc", target, "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
-    except OSError as e:
+        do(f"mount -t proc proc {target}", syscalls.mount, "proc", target, "proc",
+           syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC, hints={}, explained=False)
+    except StepFailed as e:
         if e.errno not in (errno.EPERM, errno.EACCES):
-            raise StepFailed(f"mount -t proc proc {target}", e.errno, os.strerror(e.errno)) from None
+            raise
         _step(f"mount --rbind /proc {target}", syscalls.mount, "/proc", target, None, MS_BIND | syscalls.MS_REC)
 
 
@@ -392,17 +359,3 @@ def _pivot(root: str, number: int) -> None:
         os.chdir("/")
 
     _step(f"pivot_root into {root} (cd {root}; pivot_root . .; umount -l .)", pivot)
-
-
-def _fit_shell() -> None:
-    """Make ``!cmd`` use the root filesystem's shell: IPython runs commands with ``$SHELL`` and
-    caches its host path after the first use, both of which may not exist here."""
-    shell = os.environ.get("SHELL")
-    if shell and not os.access(shell, os.X_OK):
-        if os.access("/bin/sh", os.X_OK):
-            os.environ["SHELL"] = "/bin/sh"
-        else:
-            del os.environ["SHELL"]
-    handler = getattr(getattr(sys.modules.get("IPython.utils._process_posix"), "system", None), "__self__", None)
-    if handler is not None and hasattr(handler, "_sh"):
-        handler._sh = None

@@ -9,8 +9,10 @@ same life, driven by :mod:`nsmagic.runner` and :mod:`nsmagic.child`:
 ==================  =============  ==========================================================
 hook                runs in        for
 ==================  =============  ==========================================================
-``prepare()``       kernel         check values, make host resources; before fork, so a bad
-                                   value never starts a child
+``check()``         kernel         check values, changing nothing; every part's check runs
+                                   before any part's prepare, so a bad value makes nothing
+``prepare()``       kernel         make host resources; before fork, so a failure never starts
+                                   a child
 ``before_unshare``  child          setns() into joined namespaces, join a cgroup: before new
                                    namespaces are made
 ``host(pid)``       kernel         while the child waits, its namespaces made and no cell code
@@ -24,71 +26,44 @@ hook                runs in        for
 ``annotate()``      kernel         a note for the cell's exception, if this part caused it
 ==================  =============  ==========================================================
 
-A hook that fails raises :class:`~nsmagic.errors.OptionError` (``prepare``, for bad values),
+A hook that fails raises :class:`~nsmagic.errors.OptionError` (``check``, for bad values),
 :class:`~nsmagic.errors.PrivilegeError` or :class:`~nsmagic.errors.SetupError` in the kernel,
-and :class:`~nsmagic.steps.StepFailed` in the child.
+and :class:`~nsmagic.errors.StepFailed` in the child.
 """
 
 from __future__ import annotations
 
 import sys
 
-from .spec import Namespaces
+from ..spec import Namespaces
+from .base import Part
+from .cgroups import CgroupLimits
+from .join import JoinNamespaces
+from .mounts import Mounts
+from .network import Network
 
-
-class Part:
-    """One piece of a child's environment. Subclasses override the hooks they need."""
-
-    #: Whether :meth:`host` must run; the child then waits for the kernel before the cell runs.
-    needs_host = False
-
-    def prepare(self) -> None:
-        pass
-
-    def before_unshare(self) -> None:
-        pass
-
-    def host(self, pid: int) -> None:
-        pass
-
-    def inside(self) -> None:
-        pass
-
-    def explain(self) -> list[str]:
-        return []
-
-    def cleanup(self) -> None:
-        pass
-
-    def exit_reason(self, status: int) -> str | None:
-        """Words for how the child ended, if this part caused it (an OOM kill); else None."""
-        return None
-
-    def annotate(self, error: BaseException) -> str | None:
-        """A note for the cell's exception, if this part caused it (a refused fork); else None."""
-        return None
+__all__ = ["Part", "build", "prepare_all", "annotate_all", "cleanup_all"]
 
 
 def build(spec: Namespaces) -> list[Part]:
     """The parts *spec* asks for, in the order their hooks must run."""
     parts: list[Part] = []
     if spec.join:
-        from .join import JoinNamespaces
         parts.append(JoinNamespaces(spec))
     if spec.memory is not None or spec.pids is not None or spec.cpus is not None:
-        from .cgroups import CgroupLimits
         parts.append(CgroupLimits(spec))
     if spec.lo or spec.veth is not None:
-        from .network import Network
         parts.append(Network(spec))
     if spec.tmpfs or spec.bind or spec.ro_bind or spec.rootfs is not None:
-        from .mounts import Mounts
         parts.append(Mounts(spec))
     return parts
 
 
 def prepare_all(parts: list[Part]) -> None:
-    """Prepare each part; if one fails, clean up those already prepared and re-raise."""
+    """Check every part's values, then prepare each part; if one fails, clean up those already
+    prepared and re-raise."""
+    for part in parts:
+        part.check()
     done: list[Part] = []
     try:
         for part in parts:

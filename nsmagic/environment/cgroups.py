@@ -43,9 +43,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .errors import OptionError, PrivilegeError, SetupError
-from .parts import Part
-from .steps import StepFailed
+from ..errors import OptionError, PrivilegeError, SetupError
+from ..mountinfo import parse as parse_mountinfo
+from ..steps import do
+from .base import Part
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", re.IGNORECASE)
@@ -121,12 +122,9 @@ def hierarchies(proc_cgroup: str, mountinfo: str) -> list[Hierarchy]:
     A v2 hierarchy's controllers are those of its top (``cgroup.controllers``), read from disk.
     """
     mounts = []
-    for line in mountinfo.splitlines():
-        left, _, right = line.partition(" - ")
-        mine, theirs = left.split(), right.split()
-        if len(mine) >= 5 and len(theirs) >= 3 and theirs[0] in ("cgroup", "cgroup2"):
-            mounts.append((theirs[0] == "cgroup2", _unescape(mine[3]), _unescape(mine[4]),
-                           set(theirs[2].split(","))))
+    for m in parse_mountinfo(mountinfo):
+        if m.fstype in ("cgroup", "cgroup2"):
+            mounts.append((m.fstype == "cgroup2", m.root, m.point, set(m.super_options.split(","))))
     found = []
     for line in proc_cgroup.splitlines():
         number, names, path = line.split(":", 2)
@@ -454,6 +452,7 @@ class CgroupLimits(Part):
         self.memory: int | None = None
         self.pids: int | None = None
         self.cpus: float | None = None
+        self.needed: list[str] = []
         self.groups: list[_Group] = []
         self._seen: dict[str, int] = {}
         # cleanup() may run in the reaper thread while annotate() reads the counters.
@@ -461,19 +460,21 @@ class CgroupLimits(Part):
 
     # -- kernel, before the fork
 
-    def prepare(self) -> None:
-        needed = []
+    def check(self) -> None:
+        self.needed = []
         if self.spec.memory is not None:
             self.memory = parse_memory(self.spec.memory)
-            needed.append("memory")
+            self.needed.append("memory")
         if self.spec.pids is not None:
             self.pids = check_pids(self.spec.pids)
-            needed.append("pids")
+            self.needed.append("pids")
         if self.spec.cpus is not None:
             self.cpus = check_cpus(self.spec.cpus)
-            needed.append("cpu")
+            self.needed.append("cpu")
+
+    def prepare(self) -> None:
         found = hierarchies(_read("/proc/self/cgroup"), _read("/proc/self/mountinfo"))
-        for h, controllers in choose(needed, found).items():
+        for h, controllers in choose(self.needed, found).items():
             if h.v2:
                 parent = kernel_group(h)
                 _remove_stale(parent)
@@ -516,10 +517,8 @@ class CgroupLimits(Part):
     def before_unshare(self) -> None:
         for group in self.groups:
             try:
-                os.write(group.procs, b"0")
-            except OSError as e:
-                raise StepFailed(f"write 0 to {group.path}/cgroup.procs", e.errno or errno.EIO,
-                                 f"{os.strerror(e.errno or errno.EIO)}: could not join the cell's cgroup") from None
+                do(f"write 0 to {group.path}/cgroup.procs", os.write, group.procs, b"0",
+                   hints=": could not join the cell's cgroup", explained=False)
             finally:
                 os.close(group.procs)
 
@@ -590,10 +589,6 @@ def _options(controllers) -> str:
 
 def _names_of(controllers) -> str:
     return ", ".join(sorted(controllers))
-
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), text)
 
 
 def _below(path: str, root: str) -> str | None:

@@ -8,10 +8,10 @@ lives, so ``--veth`` needs a kernel run as root.
 The kernel does all the netlink work, with pyroute2, and the child none: pyroute2 is slow to
 import and builds an asyncio loop per socket, neither of which a fresh fork should pay for, and
 from the kernel it also works when a new user namespace owns the child's network namespace.
-``prepare()`` checks the values and chooses the addresses against those on the host, so a bad
-or clashing value never starts a child. ``host(pid)`` makes the pair with its inner end born in
-the child's namespace as ``eth0`` (moving an existing link there costs an RCU grace period,
-~25 ms; this costs ~1.5 ms), addresses and raises the host end, then configures ``eth0`` and the
+``check()`` checks the values and ``prepare()`` chooses the addresses against those on the host,
+so a bad or clashing value never starts a child. ``host(pid)`` makes the pair with its inner end born in
+the child's namespace as ``eth0`` (moving an existing link there waits for an RCU grace period;
+making it there does not), addresses and raises the host end, then configures ``eth0`` and the
 default route through a netlink socket opened *in* the child's namespace: a thread of the kernel
 enters it with setns(2) (a network namespace belongs to a thread, not to the process), opens the
 socket and ends. pyroute2's sync API cannot run in a thread whose asyncio loop is running, which
@@ -32,11 +32,11 @@ import socket
 import struct
 import threading
 
-from .errors import OptionError, PrivilegeError, SetupError
-from .parts import Part
-from .spec import Namespaces
-from .steps import StepFailed, record
-from .syscalls import CloneFlag, has_capability, setns
+from ..errors import OptionError, PrivilegeError, SetupError
+from ..spec import Namespaces
+from ..steps import do
+from ..syscalls import CloneFlag, has_capability, setns
+from .base import Part
 
 CAP_NET_ADMIN = 12
 SIOCGIFFLAGS = 0x8913
@@ -61,7 +61,7 @@ _IPRoute = None
 
 
 def _pyroute2():
-    """pyroute2's IPRoute, imported on first use in the kernel (it takes 0.1-0.3 s)."""
+    """pyroute2's IPRoute, imported on first use in the kernel (a slow import, which a cell without --veth never pays)."""
     global _IPRoute, _NetlinkError
     if _IPRoute is None:
         from pyroute2 import IPRoute
@@ -84,10 +84,11 @@ class Network(Part):
         self.host_ip: ipaddress.IPv4Interface | None = None
         self.child_ip: ipaddress.IPv4Interface | None = None
         self.host_ifname: str | None = None
+        self.wanted: tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface] | None = None
 
     # -- kernel, before fork ----------------------------------------------------------------
 
-    def prepare(self) -> None:
+    def check(self) -> None:
         if self.veth is None:
             return
         if not has_capability(CAP_NET_ADMIN):
@@ -97,9 +98,13 @@ class Network(Part):
                 "-r --lo gives the cell a network namespace with a working loopback (but no link "
                 "to the host)"
             )
-        wanted = _parse(self.veth) if self.veth else None
+        self.wanted = _parse(self.veth) if self.veth else None
+
+    def prepare(self) -> None:
+        if self.veth is None:
+            return
         _pyroute2()
-        self.host_ip, self.child_ip = self._netlink(lambda ipr: _choose(ipr, wanted, self.veth))
+        self.host_ip, self.child_ip = self._netlink(lambda ipr: _choose(ipr, self.wanted, self.veth))
 
     # -- kernel, while the child waits --------------------------------------------------------
 
@@ -112,7 +117,7 @@ class Network(Part):
 
     def _make_pair(self, ipr, netns_fd: int) -> None:
         """Make the pair with its inner end born in the child's namespace (moving it there
-        later would cost an RCU grace period, ~25 ms), then configure each end."""
+        later would wait for an RCU grace period), then configure each end."""
         for _ in range(16):
             name = f"nsm{os.getpid():x}-{next(_serial) % 0x100000:x}"
             try:
@@ -224,17 +229,14 @@ def _kernel_error(what: str, e) -> Exception:
 
 def _bring_up(ifname: str) -> None:
     """IFF_UP on *ifname*: what ``ip link set lo up`` does, without netlink or an exec."""
-    try:
+    def up():
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             ifreq = struct.pack("16sH22x", ifname.encode(), 0)
             flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
             fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", ifname.encode(), flags | IFF_UP))
-        record(f"ioctl(SIOCSIFFLAGS, {ifname}, IFF_UP)")
-    except OSError as e:
-        err = e.errno or errno.EIO
-        raise StepFailed(f"ioctl(SIOCSIFFLAGS, {ifname} up)", err,
-                         f"{os.strerror(err)} (bringing {ifname} up needs CAP_NET_ADMIN in the "
-                         "network namespace; -r gives it rootless)") from None
+
+    do(f"ioctl(SIOCSIFFLAGS, {ifname}, IFF_UP)", up,
+       hints=f" (bringing {ifname} up needs CAP_NET_ADMIN in the network namespace; -r gives it rootless)")
 
 
 # -- addresses ----------------------------------------------------------------------------------
