@@ -1,6 +1,8 @@
 """The machines users have: the Linux version gate and the words for user namespaces switched off
 (pure: the settings are given; the VM tier switches them for real, tests/vm/)."""
 
+import pytest
+
 
 # -- the Linux version gate at %load_ext, and the words for user namespaces switched off
 
@@ -39,3 +41,13 @@ def test_user_namespaces_switched_off_are_named_with_their_fix(monkeypatch):
         assert "seccomp" in line and "seccomp=unconfined" in line and errno.errorcode[err] in line
     settings.clear()
     assert "CAP_SYS_ADMIN" in syscalls.advice(syscalls.CloneFlag.NEWNET, errno.EPERM, False)
+
+
+@pytest.mark.root
+def test_nsinfo_names_the_cgroup_set_up_it_finds_here():
+    from nsmagic import info
+    from nsmagic.environment.cgroups import SETUPS
+    found = info.probe()
+    assert found.cgroup_setup in SETUPS.values() or found.cgroup_setup.startswith("no memory cgroup")
+    assert f"cgroup limits: {found.cgroup_setup}" in repr(found)
+    assert "cgroup limits" in found._repr_html_()
