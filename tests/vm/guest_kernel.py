@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 import rootless
-from test_rootless import (  # noqa: F401  (collected here, on the stock kernel)
-    student,
+from test_rootless import (  # noqa: F401  (collected here, on the stock kernel; `student` is conftest's)
     test_a_students_cell_leaves_nothing_running,
     test_large_values_come_back_read_straight_from_the_child,
     test_map_root_user_with_net_works_as_root_inside,
