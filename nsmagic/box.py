@@ -328,10 +328,13 @@ class Box:
         if self._dropped:
             self.sinks.stderr(f"[nsmagic: {self._dropped} characters that box {self.name!r} wrote "
                               "between cells were dropped; the latest follow]\n")
+        shown = bool(self._backlog)
         while self._backlog:
             stream, text = self._backlog.popleft()
             (self.sinks.stdout if stream == "stdout" else self.sinks.stderr)(text)
         self._backlog_size = self._dropped = 0
+        if shown:  # before the cell's own output, which may go to the other stream
+            self.sinks.flush()
 
     # -- the end ----------------------------------------------------------------------------------
 

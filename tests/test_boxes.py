@@ -121,6 +121,9 @@ def test_server_in_one_box_answers_a_client_in_another_over_nslink(boxes):
     k.execute("%%innamespace --name client -n --lo\npass").ok()
     cell = k.execute("lk = %nslink web client\nlk").ok()
     assert "169.254." in cell.result["text/plain"]
+    # both ends read as up at once (Linux updates what ip shows lazily; %nslink syncs it)
+    cell = k.execute("%%innamespace --name client\n!ip -brief link show web").ok()
+    assert " UP " in cell.stdout and "NO-CARRIER" not in cell.stdout
     cell = k.execute("%%innamespace --name client --in lk\nimport urllib.request\n"
                      "urllib.request.urlopen(f'http://{lk.addr_a.ip}:8080/', timeout=10).status").ok()
     assert cell.result["text/plain"] == "200"
