@@ -13,8 +13,12 @@ Without IPython, :func:`run` calls a function and :func:`run_code` runs a code s
 with the namespaces of a :class:`Namespaces` request.
 """
 
-from .box import Box
-from .errors import (
+from .linux import check_system
+
+check_system()  # before the modules that load Linux's system calls: one line on macOS, not a traceback
+
+from .box import Box  # noqa: E402
+from .errors import (  # noqa: E402
     BoxDied,
     CellError,
     CellTimeout,
@@ -26,7 +30,7 @@ from .errors import (
     ProtocolError,
     SetupError,
 )
-from .outcome import Result
+from .outcome import Result  # noqa: E402
 from .runner import Sinks, execute, run, run_code
 from .spec import Namespaces
 from .syscalls import CloneFlag
@@ -43,8 +47,11 @@ __all__ = [
 def load_ipython_extension(ipython) -> None:
     """``%load_ext nsmagic``: register ``%%innamespace``, and start the kernel's sentinel (which
     also sweeps what kernels that died left behind: see nsmagic.sentinel)."""
+    from .linux import check
     from .magics import InNamespaceMagics
     from .sentinel import guard
+
+    check()  # one line on a Linux too old for any cell, not a traceback in the first one
 
     ipython.register_magics(InNamespaceMagics)
     guard.start()

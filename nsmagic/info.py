@@ -58,6 +58,8 @@ class Info:
     kinds: list[Kind]
     cgroup: str
     settings: dict[str, str] = field(default_factory=dict)
+    #: Which set-up --memory/--pids/--cpus find here (``cgroups.SETUPS``).
+    cgroup_setup: str = ""
 
     def _repr_html_(self) -> str:
         rows = "".join(
@@ -73,7 +75,8 @@ class Info:
             "<table><thead><tr><th>namespace</th><th>flag</th><th>kernel's inode</th>"
             "<th>can create</th><th>max_*_namespaces</th><th>hint</th></tr></thead>"
             f"<tbody>{rows}</tbody></table>"
-            f"<table><tbody><tr><td>cgroups</td><td>{html.escape(self.cgroup)}</td></tr>{settings}</tbody></table>"
+            f"<table><tbody><tr><td>cgroups</td><td>{html.escape(self.cgroup)}</td></tr>"
+            f"<tr><td>cgroup limits</td><td>{html.escape(self.cgroup_setup)}</td></tr>{settings}</tbody></table>"
         )
 
     def __repr__(self) -> str:
@@ -82,6 +85,7 @@ class Info:
         for k in self.kinds:
             lines.append(f"{k.name:<10} {BY_FLAG[k.flag].letter:<4} {k.inode:<20} {k.status:<8} {_limit(k):<8} {k.hint}")
         lines.append(f"cgroups: {self.cgroup}")
+        lines.append(f"cgroup limits: {self.cgroup_setup}")
         lines += [f"{n}: {v}" for n, v in self.settings.items()]
         return "\n".join(lines)
 
@@ -100,7 +104,9 @@ def probe() -> Info:
         direct = _can_unshare(flag)
         with_user = direct or (flag != CloneFlag.NEWUSER and _can_unshare(flag, in_user=True))
         kinds.append(Kind(flag, _inode(flag), direct, with_user, limit))
-    return Info(os.geteuid(), kinds, cgroup_version(), _settings())
+    from .environment.cgroups import describe
+
+    return Info(os.geteuid(), kinds, cgroup_version(), _settings(), describe())
 
 
 def _inode(flag: CloneFlag) -> str:

@@ -207,6 +207,10 @@ def advice(flags: CloneFlag, err: int, in_user_ns: bool) -> str:
     """What a student should do when creating the namespaces in *flags* failed with *err*."""
     words = ", ".join(BY_FLAG[f].words for f in CloneFlag if f in flags)
     kind = "namespace" if "," not in words else "namespaces"
+    if CloneFlag.NEWUSER in flags or in_user_ns:
+        blocked = userns_switched_off(err)
+        if blocked:
+            return blocked
     if err in (errno.EPERM, errno.EACCES):
         if CloneFlag.NEWUSER in flags or in_user_ns:
             return (
@@ -228,3 +232,50 @@ def advice(flags: CloneFlag, err: int, in_user_ns: bool) -> str:
     if err == errno.EUSERS:
         return "user namespaces are nested too deeply (the limit is 32)"
     return os.strerror(err)
+
+
+#: The settings that switch unprivileged user namespaces off, the errno each gives, and the fix.
+#: (path, value that switches them off, errnos, words, fix)
+_USERNS_SWITCHES = [
+    ("/proc/sys/user/max_user_namespaces", "0", (errno.ENOSPC, errno.EPERM),
+     "user namespaces are switched off on this machine (sysctl user.max_user_namespaces = 0)",
+     "as root: sysctl -w user.max_user_namespaces=15000 (and in /etc/sysctl.d/ to keep it)"),
+    ("/proc/sys/kernel/unprivileged_userns_clone", "0", (errno.EPERM, errno.EACCES),
+     "unprivileged user namespaces are switched off (sysctl kernel.unprivileged_userns_clone = 0)",
+     "as root: sysctl -w kernel.unprivileged_userns_clone=1"),
+    ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1", (errno.EPERM, errno.EACCES),
+     "AppArmor restricts unprivileged user namespaces (Ubuntu 23.10+: sysctl "
+     "kernel.apparmor_restrict_unprivileged_userns = 1), so they get no capabilities",
+     "as root: give the kernel's Python an AppArmor profile that allows `userns,`, or "
+     "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0"),
+]
+
+
+def userns_switched_off(err: int) -> str | None:
+    """One line naming the setting that refused a user namespace (or what -r does inside one)
+    with *err*, and its fix; None if no such setting explains it."""
+    for path, off, errnos, words, fix in _USERNS_SWITCHES:
+        if err in errnos and _setting(path) == off:
+            return f"{words}; {fix}"
+    if err in (errno.EPERM, errno.ENOSYS) and _setting("/proc/self/status", "Seccomp:") == "2":
+        return ("a seccomp filter refuses unshare(CLONE_NEWUSER) here (a container's default profile "
+                f"answers {errno.errorcode[err]}); start the container with "
+                "--security-opt seccomp=unconfined (Docker, Podman) or seccompProfile: Unconfined "
+                "(Kubernetes), or run the kernel as root without -r")
+    if err == errno.ENOSYS:
+        return "this Linux kernel has no user namespaces (CONFIG_USER_NS is off); -r cannot work here"
+    return None
+
+
+def _setting(path: str, key: str | None = None) -> str | None:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    if key is None:
+        return text.strip()
+    for line in text.splitlines():
+        if line.startswith(key):
+            return line[len(key):].strip()
+    return None

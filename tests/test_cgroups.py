@@ -16,7 +16,8 @@ import pytest
 from helpers import wait_until
 
 from nsmagic import Namespaces, OptionError, PrivilegeError, SetupError, run
-from nsmagic.environment.cgroups import Hierarchy, choose, hierarchies, human_size, parse_memory, v2_parent
+from nsmagic.environment.cgroups import (Hierarchy, Place, choose, hierarchies, human_size, is_top,
+                                         kernel_group, parse_memory, setup_of, v2_place)
 
 ROOT = "/sys/fs/cgroup"
 
@@ -234,7 +235,9 @@ def test_rootless_without_a_delegated_cgroup_fails_before_the_child_starts(rootl
     for options in ("--memory 64M", "-r -p --pids 20"):
         cell = rootless_kernel.execute(f"%%innamespace {options}\nprint('body ran')")
         assert cell.ename == "PrivilegeError", cell.traceback
-        assert "not writable" in cell.evalue and "Delegate=yes" in cell.evalue
+        assert "not writable" in cell.evalue
+        # cgroup v1 (this host's memory and pids) has no delegation; v2 names systemd's where it runs
+        assert ("v1" in cell.evalue and "run the kernel as root" in cell.evalue) or "Delegate" in cell.evalue
         assert options.split()[-2] in cell.evalue
         assert "body ran" not in cell.stdout
         assert len(cell.traceback.splitlines()) == 1
@@ -282,36 +285,90 @@ def test_hybrid_host_uses_v1_controllers_and_the_kernels_own_cgroup(tmp_path):
         choose(["memory"], [h for h in found if "memory" not in h.controllers])
 
 
-def test_pure_v2_puts_the_cells_cgroup_beside_the_kernels(tmp_path):
+def test_pure_v2_in_a_scope_moves_the_kernel_into_a_leaf_first(tmp_path):
     scope = "user.slice/user-1000.slice/user@1000.service/app.slice/run-r1.scope"
     _tree(tmp_path, {
         "": {"cgroup.controllers": "cpuset cpu io memory pids\n", "cgroup.subtree_control": "cpu io memory pids\n"},
-        scope: {"cgroup.controllers": "cpu memory pids\n", "cgroup.subtree_control": ""},
+        scope: {"cgroup.controllers": "cpu memory pids\n", "cgroup.subtree_control": "", "cgroup.procs": "812\n",
+                "cgroup.type": "domain\n"},
     })
     mountinfo = f"30 23 0:26 / {tmp_path.as_posix().replace(' ', chr(92) + '040')} rw - cgroup2 cgroup2 rw,nsdelegate"
     [h] = hierarchies(f"0::/{scope}\n", mountinfo)
     assert h.v2 and h.controllers == {"cpuset", "cpu", "io", "memory", "pids"} and h.own == f"{tmp_path}/{scope}"
-    assert v2_parent(h, {"memory", "pids", "cpu"}) == f"{tmp_path}/{os.path.dirname(scope)}"
+    place = v2_place(h, {"memory", "pids", "cpu"})
+    assert place.group == f"{tmp_path}/{scope}" and place.leaf
+    assert place.enable == {"memory", "pids", "cpu"} and place.setup == "v2-group"  # root here
+
+
+def test_pure_v2_after_the_leaf_move_the_cells_go_beside_the_kernels_leaf(tmp_path):
+    scope = "system.slice/jupyter.service"
+    _tree(tmp_path, {
+        scope: {"cgroup.controllers": "memory pids\n", "cgroup.subtree_control": "memory pids\n",
+                "cgroup.procs": "", "cgroup.type": "domain\n"},
+        f"{scope}/nsmagic-{os.getpid()}-kernel": {"cgroup.procs": f"{os.getpid()}\n", "cgroup.type": "domain\n"},
+    })
+    for leaf in (f"nsmagic-{os.getpid()}-kernel", "nsmagic-others", "nsmagic-99-kernel"):
+        h = Hierarchy(True, frozenset({"memory", "pids"}), f"{tmp_path}/{scope}/{leaf}", str(tmp_path))
+        assert kernel_group(h) == f"{tmp_path}/{scope}"
+        assert v2_place(h, {"memory"}) == Place("v2-group", f"{tmp_path}/{scope}", frozenset(), False)
 
 
 def test_pure_v2_names_a_controller_the_parent_does_not_give(tmp_path):
-    _tree(tmp_path, {"user.slice/session-3.scope": {"cgroup.controllers": "memory pids\n"}})
+    _tree(tmp_path, {"user.slice/session-3.scope": {"cgroup.controllers": "memory pids\n", "cgroup.type": "domain\n",
+                                                    "cgroup.procs": "1\n"}})
     h = Hierarchy(True, frozenset({"cpu", "memory", "pids"}), f"{tmp_path}/user.slice/session-3.scope", str(tmp_path))
-    with pytest.raises(PrivilegeError, match=r"--cpus: the cpu controller is not enabled in .*user.slice/cgroup.subtree_control"):
-        v2_parent(h, {"memory", "cpu"})
+    with pytest.raises(PrivilegeError, match=r"--cpus: the cpu controller is not given .*: .*user.slice/"
+                                             r"cgroup.subtree_control does not enable it; enable it: echo \+cpu >"):
+        v2_place(h, {"memory", "cpu"})
 
 
-def test_pure_v2_root_cgroup_is_used_itself(tmp_path):
-    _tree(tmp_path, {"": {"cgroup.subtree_control": "cpu memory pids\n"}})
+def test_pure_v2_top_cgroup_with_processes_enables_controllers_and_needs_no_leaf(tmp_path):
+    _tree(tmp_path, {"": {"cgroup.controllers": "cpu memory pids\n", "cgroup.subtree_control": "cpu\n",
+                          "cgroup.procs": "1\n57\n"}})
     h = Hierarchy(True, frozenset({"cpu", "memory", "pids"}), str(tmp_path), str(tmp_path))
-    assert v2_parent(h, {"memory", "pids"}) == str(tmp_path)
+    assert is_top(str(tmp_path)) and setup_of(h) == "v2-top"
+    assert v2_place(h, {"memory", "pids", "cpu"}) == Place("v2-top", str(tmp_path), frozenset({"memory", "pids"}), False)
 
 
-def test_pure_v2_container_top_with_processes_is_refused(tmp_path):
-    _tree(tmp_path, {"": {"cgroup.controllers": "memory pids\n", "cgroup.subtree_control": ""}})
+def test_pure_v2_a_containers_namespaced_top_is_not_the_top(tmp_path):
+    """In a cgroup namespace the container's cgroup shows as / but has a cgroup.type: not exempt."""
+    _tree(tmp_path, {"": {"cgroup.controllers": "memory pids\n", "cgroup.subtree_control": "", "cgroup.procs": "1\n",
+                          "cgroup.type": "domain\n"}})
     h = Hierarchy(True, frozenset({"memory", "pids"}), str(tmp_path), str(tmp_path))
-    with pytest.raises(PrivilegeError, match="top of the cgroup v2 tree.*has processes"):
-        v2_parent(h, {"memory"})
+    assert not is_top(str(tmp_path))
+    assert v2_place(h, {"memory"}).leaf
+
+
+def test_limit_errors_give_advice_that_fits_the_set_up(tmp_path, monkeypatch):
+    from nsmagic.environment import cgroups
+    group = str(tmp_path)
+    ro = cgroups._unwritable_words({"memory"}, group, "v2-read-only")
+    assert "read-only" in ro and "docker run --memory" in ro and "as root" not in ro and "Delegate" not in ro
+    monkeypatch.setattr(cgroups, "_systemd", lambda: True)
+    user = cgroups._unwritable_words({"memory", "pids"}, group, "v2-not-writable")
+    assert user.startswith("--memory/--pids: no cgroup this kernel") and "may not write to" in user
+    assert "systemd-run --user --scope -p Delegate=yes jupyter lab" in user
+    delegated = cgroups._missing_words({"cpu"}, group, "v2-delegated")
+    assert "Delegate=cpu cpuset io memory pids" in delegated and "user@.service.d" in delegated
+    monkeypatch.setattr(cgroups, "_systemd", lambda: False)
+    plain = cgroups._unwritable_words({"memory"}, group, "v2-not-writable")
+    assert "Delegate=yes" not in plain and "cgroup.subtree_control, cgroup.threads" in plain
+    for words in (ro, user, delegated, plain):
+        assert "\n" not in words
+
+
+@pytest.mark.root
+def test_a_library_caller_that_exits_at_once_leaves_no_cgroup():
+    """The cell's cgroup is removed in the background; a process that exits right after run()
+    removes it at exit instead."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", "import os; from nsmagic import Namespaces, run\n"
+                           "print(os.getpid(), flush=True)\n"
+                           "run(os.getpid, namespaces=Namespaces(memory='64M', pids=10))"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ})
+    assert done.returncode == 0, done.stderr
+    assert cgroups_of(int(done.stdout.split()[0])) == []
 
 
 class DirectoryWatch:

@@ -12,18 +12,24 @@ is then born inside the cgroup (so is the PID 1 forked after a user namespace is
 in the kernel after the namespaces are made (the ``host`` hook) would work too, but would leave a
 ``-C`` cell looking at ``/nsmagic-...`` instead of ``/``, and cost a round trip.
 
-Where the cgroup goes depends on the host:
+Where the cgroup goes depends on the host (:data:`SETUPS` names each set-up, for ``%nsinfo``
+and the errors):
 
 * cgroup v1, and hybrid hosts whose memory, pids and cpu controllers are v1: a child of the
   kernel's own cgroup in each hierarchy needed, ``<mount>/<kernel's cgroup>/nsmagic-<pid>-<n>``.
-* cgroup v2: a cgroup with processes in it cannot hand controllers to children ("no internal
-  processes"), and the kernel's cgroup has the kernel in it. So the new cgroup goes beside the
-  kernel's, under its parent, whose ``cgroup.subtree_control`` already gives the kernel's cgroup
-  the controllers, as with ``systemd-run --scope``. Only in the root cgroup, which the rule
-  exempts, does it go below.
+* cgroup v2: always inside the kernel's own cgroup G, so the cell stays under G's limits (a
+  container's, a service's) and inside what was delegated. A cgroup with processes in it cannot
+  give controllers to children ("no internal processes"), except the top cgroup: there, as root,
+  the controllers are enabled and the cell's cgroup is made below. Any other G (a systemd
+  service, a container's cgroup, a user's delegated scope) first has its processes moved into
+  leaves, the kernel into ``G/nsmagic-<pid>-kernel`` and the rest into ``G/nsmagic-others``, as
+  container runtimes and systemd do; then the controllers are enabled in G and the cell's
+  cgroup ``G/nsmagic-<pid>-<n>`` is made beside the leaves. The leaves stay while the kernel
+  lives; at its exit it moves back and removes them, or the next kernel's sweep does.
 
-Without root, that directory must be writable by the kernel's user, which a delegated cgroup v2
-subtree gives. If there is none, the cell fails before its child starts.
+Without root, G (with its ``cgroup.procs`` and ``cgroup.subtree_control``) must be writable by the
+kernel's user, which a delegated cgroup v2 subtree gives (systemd's ``Delegate=yes``). If it is
+not, the cell fails before its child starts, with advice that fits the set-up.
 """
 
 from __future__ import annotations
@@ -51,9 +57,6 @@ _MIN_CPUS = 0.01  # a 1 ms quota per 100 ms period: the least Linux accepts
 _REMOVE_WAIT = 5.0
 _names = itertools.count(1)
 _OPTION_OF = {"memory": "--memory", "pids": "--pids", "cpu": "--cpus"}
-_DELEGATE = ("on a systemd host (cgroup v2), start Jupyter with "
-             "`systemd-run --user --scope -p Delegate=yes jupyter lab` to get a delegated cgroup, "
-             "or run the kernel as root")
 
 #: The counters that say a limit was hit: (file, key), by controller and by cgroup v2 or not.
 _COUNTERS = {
@@ -159,24 +162,279 @@ def choose(needed: list[str], found: list[Hierarchy]) -> dict[Hierarchy, set[str
     return chosen
 
 
-def v2_parent(h: Hierarchy, controllers: set[str]) -> str:
-    """The directory to make the cell's cgroup in, in a v2 hierarchy (see the module's doc)."""
-    if controllers <= _words(os.path.join(h.own, "cgroup.subtree_control")):
-        return h.own
-    if os.path.normpath(h.own) == os.path.normpath(h.top):
-        raise PrivilegeError(
-            f"{_options(controllers)}: the kernel's cgroup {h.own} is the top of the cgroup v2 "
-            f"tree visible here and has processes, so it cannot give the "
-            f"{_names_of(controllers - _words(os.path.join(h.own, 'cgroup.subtree_control')))} "
-            f"controller to a cgroup for the cell; {_DELEGATE}")
-    parent = os.path.dirname(os.path.normpath(h.own))
-    missing = controllers - _words(os.path.join(h.own, "cgroup.controllers"))
+# -- cgroup v2: the set-ups the kernel may be in, and where the cell's cgroup goes there -----
+
+#: What each set-up is, in words for ``%nsinfo`` and for the limit errors.
+SETUPS = {
+    "v1": "cgroup v1 or hybrid (memory, pids, cpu on v1): the cell's cgroup goes below the kernel's",
+    "v2-top": "cgroup v2, the kernel in the top cgroup as root: the cell's cgroup goes below it",
+    "v2-delegated": "cgroup v2, a cgroup delegated to this user (Delegate=yes): the kernel moves into "
+                    "a leaf of it, the cell's cgroup goes beside that leaf",
+    "v2-group": "cgroup v2, root in a service's or container's cgroup: the kernel moves into a leaf "
+                "of it, the cell's cgroup goes beside that leaf",
+    "v2-not-writable": "cgroup v2, a cgroup this user may not write to: no limits without delegation",
+    "v2-read-only": "cgroup v2 mounted read-only (a container): no limits here",
+}
+
+#: The leaves nsmagic moves processes into. Only a leaf of the kernel's own cgroup G is made,
+#: for the one reason that G may then give controllers to the cell's cgroup.
+_LEAF = re.compile(r"nsmagic-(\d+-kernel|others)")
+_OTHERS = "nsmagic-others"
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where the cells' cgroups go in a v2 hierarchy, and what must be done there first."""
+
+    setup: str
+    #: The kernel's cgroup, or the one whose leaf the kernel was moved into.
+    group: str
+    #: Controllers to enable in ``group/cgroup.subtree_control``.
+    enable: frozenset
+    #: Whether the processes in *group* must first move into leaves (a non-top group with processes).
+    leaf: bool
+
+
+def kernel_group(h: Hierarchy) -> str:
+    """The kernel's cgroup, or, if the kernel (or whoever forked it) was moved into one of
+    nsmagic's leaves, the cgroup that leaf is in."""
+    own = os.path.normpath(h.own)
+    return os.path.dirname(own) if _LEAF.fullmatch(os.path.basename(own)) else own
+
+
+def is_top(path: str) -> bool:
+    """The real top cgroup, exempt from the no-internal-process rule. Every other cgroup has a
+    ``cgroup.type`` file, even the top of a container's cgroup namespace (which only looks like
+    the top, and is not exempt)."""
+    return not os.path.exists(os.path.join(path, "cgroup.type"))
+
+
+def setup_of(h: Hierarchy) -> str:
+    """Which of :data:`SETUPS` the kernel is in, for hierarchy *h*."""
+    if not h.v2:
+        return "v1"
+    group = kernel_group(h)
+    if _read_only(group):
+        return "v2-read-only"
+    if not _may_write(group):
+        return "v2-not-writable"
+    if is_top(group):
+        return "v2-top"
+    return "v2-group" if os.geteuid() == 0 else "v2-delegated"
+
+
+def describe() -> str:
+    """The set-up of the hierarchy the memory controller is in (the one ``--memory`` uses)."""
+    try:
+        found = hierarchies(_read("/proc/self/cgroup"), _read("/proc/self/mountinfo"))
+        [h] = choose(["memory"], found)
+    except (OSError, ValueError, SetupError):
+        return "no memory cgroup controller here: --memory cannot be used"
+    return SETUPS[setup_of(h)]
+
+
+def v2_place(h: Hierarchy, controllers: set[str]) -> Place:
+    """Where the cell's cgroup goes in v2 hierarchy *h*, or a one-line error saying why it cannot.
+
+    Always inside the kernel's own cgroup G, never beside it: the cell then stays under G's own
+    limits (a container's, a service's) and inside what was delegated. A cgroup with processes
+    cannot give controllers to a child unless it is the top, so in any other G the processes move
+    into leaves first, as systemd and container runtimes do (see docs/design.md, "cgroups").
+    """
+    group = kernel_group(h)
+    setup = setup_of(h)
+    missing = controllers - _words(os.path.join(group, "cgroup.controllers"))
     if missing:
-        raise PrivilegeError(
-            f"{_options(missing)}: the {_names_of(missing)} controller is not enabled in "
-            f"{parent}/cgroup.subtree_control, so a cgroup beside the kernel's cannot use it; "
-            f"enable it there (echo +{' +'.join(sorted(missing))} > {parent}/cgroup.subtree_control) or {_DELEGATE}")
-    return parent
+        raise PrivilegeError(_missing_words(missing, group, setup))
+    if setup in ("v2-read-only", "v2-not-writable"):
+        raise PrivilegeError(_unwritable_words(controllers, group, setup))
+    enabled = _words(os.path.join(group, "cgroup.subtree_control"))
+    if controllers <= enabled:  # a leaf move was done already, or G has no processes
+        return Place(setup, group, frozenset(), False)
+    top = is_top(group)
+    return Place(setup, group, frozenset(controllers - enabled),
+                 leaf=not top and bool(_read(os.path.join(group, "cgroup.procs")).split()))
+
+
+def _in_words(setup: str) -> str:
+    return SETUPS[setup].split(":")[0]
+
+
+def _missing_words(missing, group: str, setup: str) -> str:
+    parent = os.path.dirname(group)
+    names = _names_of(missing)
+    head = (f"{_options(missing)}: the {names} controller is not given to the kernel's cgroup "
+            f"{group} ({_in_words(setup)}): {parent}/cgroup.subtree_control does not enable it")
+    if setup == "v2-delegated" or (setup == "v2-not-writable" and _systemd()):
+        return (f"{head}; systemd delegates only some controllers to users: add "
+                f"`Delegate=cpu cpuset io memory pids` under [Service] in "
+                f"/etc/systemd/system/user@.service.d/delegate.conf, then log in again")
+    if os.geteuid() == 0:
+        return f"{head}; enable it: echo +{' +'.join(sorted(missing))} > {parent}/cgroup.subtree_control"
+    return f"{head}; ask for a cgroup with it delegated, or drop {_options(missing)}"
+
+
+def _unwritable_words(controllers, group: str, setup: str) -> str:
+    opts = _options(controllers)
+    if setup == "v2-read-only":
+        return (f"{opts}: /sys/fs/cgroup is mounted read-only here ({_in_words(setup)}), so no "
+                f"cgroup can be made for the cell; give the limits to the container itself "
+                f"(docker run --memory 1g --pids-limit 100, or a pod's resources.limits), or "
+                f"start it with a writable cgroup (docker run --privileged)")
+    try:
+        owner = f"it belongs to uid {os.stat(group).st_uid}"
+    except OSError as e:
+        owner = e.strerror
+    head = (f"{opts}: no cgroup this kernel (uid {os.geteuid()}) may write to: {group} is not "
+            f"writable ({owner}; {_in_words(setup)})")
+    if _systemd():
+        return (f"{head}; start Jupyter in a cgroup delegated to you: "
+                f"`systemd-run --user --scope -p Delegate=yes jupyter lab`, or run the kernel as root")
+    return (f"{head}; have root delegate a cgroup to uid {os.geteuid()} (chown it and its "
+            f"cgroup.procs, cgroup.subtree_control, cgroup.threads) and start Jupyter in it, or run "
+            f"the kernel as root")
+
+
+def _systemd() -> bool:
+    """Whether systemd runs this machine (sd_booted(3)'s test), so Delegate=yes would help."""
+    return os.path.isdir("/run/systemd/system")
+
+
+def _read_only(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _may_write(group: str) -> bool:
+    """What moving processes and enabling controllers in *group* need: the directory, and its
+    ``cgroup.procs`` (a move's common ancestor) and ``cgroup.subtree_control``."""
+    files = [os.path.join(group, n) for n in ("cgroup.procs", "cgroup.subtree_control")]
+    return os.access(group, os.W_OK | os.X_OK) and all(os.access(f, os.W_OK) for f in files)
+
+
+def settle(place: Place, controllers, own: str) -> None:
+    """Make *place* ready for the cell's cgroup: the leaf move, then the controllers.
+
+    The kernel goes alone into ``nsmagic-<pid>-kernel``; whatever else was in G (the Jupyter
+    server, other kernels, a shell) into ``nsmagic-others``: G can enable controllers only once
+    it holds no process. What these processes start later is born in their leaf. The changes are
+    recorded, so that the kernel's exit can undo them (:func:`_restore`), also where the kernel
+    found itself in a leaf already (one a killed kernel's leaf move put its Jupyter server in).
+    """
+    group = place.group
+    if place.leaf:
+        _move_out(group, controllers)
+    if place.enable:
+        _enable(group, place.enable, controllers)
+    track(group, place.enable)
+
+
+def track(parent: str, enabled=frozenset()) -> None:
+    """Have the kernel's exit tidy *parent*: its own cells' cgroups, and what :func:`settle` did."""
+    _changed.setdefault(parent, set()).update(enabled)
+    if not _restore_registered:
+        _register_restore()
+
+
+def is_v2(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "cgroup.controllers"))
+
+
+def _move_out(group: str, controllers) -> None:
+    me = os.getpid()
+    leaf = os.path.join(group, f"nsmagic-{me}-kernel")
+    _mkdir(leaf, controllers, exist_ok=True)
+    _move(me, leaf, controllers)
+    for _ in range(10):  # processes forked meanwhile are born in G: move them too
+        left = [int(p) for p in _read(os.path.join(group, "cgroup.procs")).split()]
+        if not left:
+            return
+        others = os.path.join(group, _OTHERS)
+        _mkdir(others, controllers, exist_ok=True)
+        for pid in left:
+            _move(pid, others, controllers)
+    # still not empty: enabling the controllers then fails, and says which processes stayed
+
+
+def _move(pid: int, leaf: str, controllers) -> None:
+    try:
+        with open(os.path.join(leaf, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+    except ProcessLookupError:
+        pass  # it exited meanwhile
+    except OSError as e:
+        raise _privilege_or_setup(e, f"moving pid {pid} into {leaf}", controllers) from None
+
+
+def _enable(group: str, names, controllers) -> None:
+    path = os.path.join(group, "cgroup.subtree_control")
+    try:
+        with open(path, "w") as f:
+            f.write(" ".join(f"+{n}" for n in sorted(names)))
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            stayed = " ".join(_read(os.path.join(group, "cgroup.procs")).split()) or "none now"
+            raise SetupError(f"{_options(controllers)}: {group} still had processes that could not be "
+                             f"moved into a leaf (pids: {stayed}), so it cannot give controllers to a "
+                             f"cgroup for the cell; run the cell again") from None
+        raise _privilege_or_setup(e, f"writing {' '.join('+' + n for n in sorted(names))} to {path}",
+                                  controllers) from None
+
+
+#: The cgroups this kernel changed (a leaf move, controllers enabled), and the controllers it enabled.
+_changed: dict[str, set] = {}
+_restore_registered = False
+
+
+def _register_restore() -> None:
+    global _restore_registered
+    import atexit
+
+    atexit.register(_restore)
+    _restore_registered = True
+
+
+def _restore() -> None:
+    """At the kernel's exit, remove what is left of its cells' cgroups, and put back what
+    :func:`settle` changed if no one else now needs it: disable the controllers, move the
+    processes back into G, remove the leaves.
+
+    Where another kernel's cells still use G, or the kernel is killed and cannot run this, its
+    leaf is left: empty once the kernel has gone, and removed by the next kernel's sweep (a leaf
+    named for a dead pid), or by systemd with the unit (scope, service) it belongs to.
+    """
+    me = os.getpid()
+    for group, enabled in list(_changed.items()):
+        leaf = f"nsmagic-{me}-kernel"
+        try:
+            # The last cell's cgroup may still be there: its clean-up runs in the background
+            # (a library caller may exit as soon as run() returns), and it is over now.
+            for name in os.listdir(group):
+                if re.fullmatch(rf"nsmagic-{me}-\d+", name):
+                    _remove(_Group(os.path.join(group, name), is_v2(group), set()))
+            children = {d for d in os.listdir(group) if os.path.isdir(os.path.join(group, d))}
+            if not children <= {leaf, _OTHERS}:
+                continue
+            if leaf in children and _read(os.path.join(group, leaf, "cgroup.procs")).split() != [str(me)]:
+                continue  # something the kernel started lives on in its leaf
+            off = _words(os.path.join(group, "cgroup.subtree_control")) if children else enabled
+            if off:
+                with open(os.path.join(group, "cgroup.subtree_control"), "w") as f:
+                    f.write(" ".join(f"-{n}" for n in sorted(off)))
+            for name in sorted(children, key=lambda d: d != _OTHERS):  # the others first, then us
+                for pid in _read(os.path.join(group, name, "cgroup.procs")).split():
+                    try:
+                        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+                            f.write(pid)
+                    except ProcessLookupError:
+                        pass
+                os.rmdir(os.path.join(group, name))
+        except OSError:
+            continue  # left for the next kernel's sweep
+        finally:
+            _changed.pop(group, None)
 
 
 # -- the part ------------------------------------------------------------------------------
@@ -224,9 +482,15 @@ class CgroupLimits(Part):
     def prepare(self) -> None:
         found = hierarchies(_read("/proc/self/cgroup"), _read("/proc/self/mountinfo"))
         for h, controllers in choose(self.needed, found).items():
-            parent = v2_parent(h, controllers) if h.v2 else h.own
-            _check_writable(parent, h.v2, controllers)
-            _remove_stale(parent)
+            if h.v2:
+                parent = kernel_group(h)
+                _remove_stale(parent)
+                settle(v2_place(h, controllers), controllers, h.own)
+            else:
+                parent = h.own
+                _check_writable(parent, controllers)
+                _remove_stale(parent)
+                track(parent)
             group = _Group(os.path.join(parent, f"nsmagic-{os.getpid()}-{next(_names)}"), h.v2, controllers)
             _mkdir(group.path, controllers)
             self.groups.append(group)
@@ -355,10 +619,9 @@ def _words(path: str) -> frozenset:
         return frozenset()
 
 
-def _check_writable(parent: str, v2: bool, controllers) -> None:
-    # A v2 move also needs write access to cgroup.procs of the common ancestor: here, *parent*.
-    targets = [parent] + ([os.path.join(parent, "cgroup.procs")] if v2 else [])
-    if all(os.access(t, os.W_OK | os.X_OK if t == parent else os.W_OK) for t in targets):
+def _check_writable(parent: str, controllers) -> None:
+    """A v1 hierarchy's cgroup for the cell goes below the kernel's (v2: :func:`v2_place`)."""
+    if os.access(parent, os.W_OK | os.X_OK):
         return
     try:
         owner = f"it belongs to uid {os.stat(parent).st_uid}"
@@ -366,9 +629,12 @@ def _check_writable(parent: str, v2: bool, controllers) -> None:
         owner = e.strerror
     if os.geteuid() == 0:  # root is refused only by a read-only mount
         raise PrivilegeError(f"{_options(controllers)}: cannot create a cgroup for the cell: {parent} "
-                             f"is read-only here (a container's /sys/fs/cgroup?); run where cgroups are writable")
+                             f"is read-only here ({SETUPS['v1'].split(':')[0]}; a container's "
+                             f"/sys/fs/cgroup?); give the limits to the container itself, or run "
+                             f"where cgroups are writable")
     raise PrivilegeError(f"{_options(controllers)}: no cgroup this kernel (uid {os.geteuid()}) may "
-                         f"write to: {parent} is not writable ({owner}); {_DELEGATE}")
+                         f"write to: {parent} is not writable ({owner}; {SETUPS['v1'].split(':')[0]}); "
+                         f"cgroup v1 has no delegation to users: run the kernel as root")
 
 
 def _privilege_or_setup(e: OSError, what: str, controllers) -> Exception:
@@ -376,9 +642,12 @@ def _privilege_or_setup(e: OSError, what: str, controllers) -> Exception:
     return cls(f"{_options(controllers)}: {what} failed: {e.strerror or e}")
 
 
-def _mkdir(path: str, controllers) -> None:
+def _mkdir(path: str, controllers, exist_ok: bool = False) -> None:
     try:
         os.mkdir(path)
+    except FileExistsError:
+        if not exist_ok:
+            raise _privilege_or_setup(FileExistsError(17, "File exists"), f"mkdir {path}", controllers) from None
     except OSError as e:
         raise _privilege_or_setup(e, f"mkdir {path}", controllers) from None
 
@@ -404,14 +673,15 @@ def _write(group: _Group, name: str, value: str) -> None:
 
 
 def _remove_stale(parent: str) -> None:
-    """Remove empty cgroups left by kernels that died while a cell ran."""
+    """Remove empty cgroups left by kernels that have gone: a cell's (the kernel died while it
+    ran) and a kernel's leaf (it could not move back at exit); and an empty ``nsmagic-others``."""
     try:
         names = os.listdir(parent)
     except OSError:
         return
     for name in names:
-        m = re.fullmatch(r"nsmagic-(\d+)-\d+", name)
-        if m and not os.path.exists(f"/proc/{m[1]}"):
+        m = re.fullmatch(r"nsmagic-(\d+)-(?:\d+|kernel)", name)
+        if (m and not os.path.exists(f"/proc/{m[1]}")) or name == _OTHERS:
             try:
                 os.rmdir(os.path.join(parent, name))
             except OSError:
