@@ -227,6 +227,17 @@ def test_fork_flag_is_accepted_like_unshare(kernel):
     assert kernel.value_in("-fp", "__import__('os').getpid()") == 1
 
 
+def test_no_defaults_leaves_the_default_options_out_for_one_cell(kernel):
+    kernel.execute("%config InNamespaceMagics.default_options = '-p'").ok()
+    try:
+        assert kernel.value_in("", "__import__('os').getpid()") == 1
+        assert kernel.value_in("--no-defaults", "__import__('os').getpid()") != 1
+        cell = kernel.execute("%innamespace --no-defaults -u print(__import__('os').getpid() != 1)")
+        assert cell.ok().stdout == "True\n"
+    finally:
+        kernel.execute("%config InNamespaceMagics.default_options = ''").ok()
+
+
 def test_configurable_default_options(kernel):
     kernel.execute("%config InNamespaceMagics.default_options = '-p'").ok()
     try:
