@@ -55,6 +55,19 @@ def _offset(text: str) -> float:
     return _number(text)
 
 
+class _MountPair(argparse.Action):
+    """``--bind SRC:DST``, or bubblewrap's two words ``--bind SRC DST``; repeatable."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) == 1:
+            pair = values[0]
+        elif len(values) == 2 and ":" not in values[0]:
+            pair = f"{values[0]}:{values[1]}"
+        else:
+            raise argparse.ArgumentError(self, f"expected SRC:DST or SRC DST, not {' '.join(values)!r}")
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), pair])
+
+
 def _box_name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", text):
         raise argparse.ArgumentTypeError(
@@ -161,7 +174,8 @@ class InNamespaceMagics(Magics):
     @argument("-m", "--mount", action="store_true", help="new mount namespace (CLONE_NEWNS)")
     @argument("-u", "--uts", action="store_true", help="new UTS namespace: hostname (CLONE_NEWUTS)")
     @argument("-i", "--ipc", action="store_true", help="new IPC namespace: SysV IPC, POSIX queues (CLONE_NEWIPC)")
-    @argument("-n", "--net", action="store_true", help="new network namespace: only a down lo (CLONE_NEWNET)")
+    @argument("-n", "--net", action="store_true",
+              help="new network namespace: a down lo, no link to the host (CLONE_NEWNET)")
     @argument("-p", "--pid", action="store_true", help="new PID namespace: the cell runs as PID 1 (CLONE_NEWPID)")
     @argument("-U", "--user", action="store_true",
               help="new user namespace; without -r the cell runs as the overflow uid 65534 (CLONE_NEWUSER)")
@@ -192,9 +206,10 @@ class InNamespaceMagics(Magics):
     @argument("--pids", metavar="N", type=int, help="cgroup limit on the number of processes")
     @argument("--cpus", metavar="FRACTION", type=float, help="cgroup CPU limit, e.g. 0.5 for half a CPU")
     @argument("--tmpfs", metavar="DIR", action="append", default=[], help="mount a fresh tmpfs on DIR (implies -m)")
-    @argument("--bind", metavar="SRC:DST", action="append", default=[], help="bind-mount SRC on DST (implies -m)")
-    @argument("--ro-bind", metavar="SRC:DST", action="append", default=[],
-              help="bind-mount SRC on DST read-only (implies -m)")
+    @argument("--bind", metavar="SRC:DST", nargs="+", action=_MountPair, default=[],
+              help="bind-mount SRC on DST (implies -m); bubblewrap's two words SRC DST work too")
+    @argument("--ro-bind", metavar="SRC:DST", nargs="+", action=_MountPair, default=[],
+              help="bind-mount SRC on DST read-only (implies -m); or SRC DST")
     @argument("--rootfs", metavar="DIR", help="pivot into the root filesystem prepared in DIR (implies -m)")
     @argument("-f", "--fork", action="store_true",
               help="accepted for unshare(1) habits; the cell always runs in a forked child")
@@ -211,6 +226,8 @@ class InNamespaceMagics(Magics):
     @argument("--in", metavar="NAMES", dest="inputs", type=_names, action="append", default=[],
               help="(with --name) comma-separated kernel variables to copy into the box before the cell "
               "(repeatable)")
+    @argument("--no-defaults", action="store_true",
+              help="leave InNamespaceMagics.default_options out for this cell")
     @argument("code", nargs="*", help="(line magic only) the Python statement to run")
     @line_cell_magic
     def innamespace(self, line: str, cell: str | None = None):
@@ -261,7 +278,9 @@ class InNamespaceMagics(Magics):
         else:
             options, code = line, cell
             shown_source, line_offset = f"%%innamespace {line}\n{cell}", 1
-        args = self._parse(f"{self.default_options} {options}")
+        args = self._parse(options)
+        if self.default_options and not args.no_defaults:
+            args = self._parse(f"{self.default_options} {options}")
         if cell is not None and args.code:
             raise UsageError(f"unexpected arguments {' '.join(args.code)!r}: %%innamespace takes "
                              "only options on its line; the code goes in the cell")
@@ -426,6 +445,11 @@ class InNamespaceMagics(Magics):
                 # An optional value (--veth) is taken only if it looks like one (an address).
                 if value is not None and (takes != "?" or value.group(1)[:1].isdigit()):
                     pos = value.end()
+                    # bubblewrap's --bind SRC DST: a value without ':' has a second word
+                    if takes == "pair" and ":" not in value.group(1):
+                        second = _TOKEN.match(line, pos)
+                        if second is not None:
+                            pos = second.end()
 
 
 _TOKEN = re.compile(r"\s*(\S+)")
@@ -456,6 +480,8 @@ def _takes_value(parser: argparse.ArgumentParser, token: str) -> bool | str:
         action = _long_option(parser, token)
         if action is not None and action.nargs == "?":
             return "?"
+        if isinstance(action, _MountPair):
+            return "pair"
         return action is not None and action.nargs != 0
     if "=" in token:
         return False

@@ -227,6 +227,17 @@ def test_fork_flag_is_accepted_like_unshare(kernel):
     assert kernel.value_in("-fp", "__import__('os').getpid()") == 1
 
 
+def test_no_defaults_leaves_the_default_options_out_for_one_cell(kernel):
+    kernel.execute("%config InNamespaceMagics.default_options = '-p'").ok()
+    try:
+        assert kernel.value_in("", "__import__('os').getpid()") == 1
+        assert kernel.value_in("--no-defaults", "__import__('os').getpid()") != 1
+        cell = kernel.execute("%innamespace --no-defaults -u print(__import__('os').getpid() != 1)")
+        assert cell.ok().stdout == "True\n"
+    finally:
+        kernel.execute("%config InNamespaceMagics.default_options = ''").ok()
+
+
 def test_configurable_default_options(kernel):
     kernel.execute("%config InNamespaceMagics.default_options = '-p'").ok()
     try:
@@ -426,9 +437,18 @@ def test_processes_a_cell_leaves_running_end_with_it(kernel, options):
     try:
         assert child != kernel.pid and len(set(left)) == 3
         assert wait_gone(left) == [], "a process the cell started outlived it"
-        assert [p for p in descendants(kernel.pid) if p.status() == psutil.STATUS_ZOMBIE] == []
+        # the child itself is reaped off the cell's path, by the kernel's reaper thread
+        assert wait_until(lambda: not [p for p in descendants(kernel.pid) if _zombie(p)]), \
+            [p for p in descendants(kernel.pid) if _zombie(p)]
     finally:
         kill_sleepers(left)
+
+
+def _zombie(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_processes_of_a_cell_that_crashed_end_with_it(kernel):

@@ -342,7 +342,7 @@ def test_bind_root_on_root_without_rootfs_is_the_hosts_root_read_write(kernel, t
     """bubblewrap's --bind / / with no --rootfs: accepted, the cell's / is the host's with its
     mounts (nothing is mounted over it), writable, in a mount namespace of its own."""
     (tmp_path / "t").mkdir()
-    cell = kernel.execute(f"%%innamespace --bind /:/ --tmpfs {tmp_path}/t\n"
+    cell = kernel.execute(f"%%innamespace --bind / / --tmpfs {tmp_path}/t\n"  # bubblewrap's words
                           f"import os\nassert os.getpid() != {kernel.pid}\n"
                           f"open('{tmp_path}/from-the-cell', 'w').write('x')\n"
                           "print(os.stat('/proc/self/ns/mnt').st_ino != "
