@@ -38,8 +38,8 @@ from typing import Any, Callable
 import cloudpickle
 
 from . import source, syscalls
-from .boxloop import Executor, Request, Serve, send_run
-from .child import Plan, two_stage, held_by_kernel
+from .boxloop import Executor, Request, Serve, receive_namespaces, send_run
+from .child import Plan, held_by_kernel, needs_undumpable, two_stage
 from .clone import pid_namespace_in_kernel, spawn
 from .dispatch import Conversation
 from .errors import BoxDied, CellTimeout, OptionError, ProtocolError
@@ -101,6 +101,11 @@ class Box:
         self._backlog_size = self._dropped = 0
         self._conversation: Conversation | None = None
         self._started = False
+        #: The box's namespaces, ``/proc`` name -> an fd of the kernel's (sent by the box).
+        self.ns: dict[str, int] = {}
+        #: Whether the box's process is undumpable (child.needs_undumpable): then only root may
+        #: open its /proc/PID files, and the kernel uses :attr:`ns` instead.
+        self.undumpable = needs_undumpable(self.spec)
         check_privileges(self.spec)
         self.parts = build_parts(self.spec)
         self._start(executor or library_executor(self._globals), timeout, explain)
@@ -131,7 +136,7 @@ class Box:
                     explanation(log, report, self.parts, self.child.pid, self.spec))) if explain else None,
                 extra={Kind.STARTED: self._on_started})
             plan = Plan(
-                spec=self.spec, job=Serve(executor), outputs=[], kernel_pid=os.getpid(),
+                spec=self.spec, job=Serve(executor, self.undumpable), outputs=[], kernel_pid=os.getpid(),
                 pid_done=pid_namespace_in_kernel(self.spec), stdout=out_w, stderr=err_w, control=ctl_w,
                 answers=child_fds[3], memfd=-1, uid=os.geteuid(), gid=os.getegid(), parts=self.parts,
                 explain=explain,
@@ -177,6 +182,9 @@ class Box:
     def _on_started(self, payload: bytes) -> None:
         if self._started:
             raise ProtocolError(f"box {self.name!r} said twice that it started")
+        self.ns = receive_namespaces(self._commands)  # sent just before STARTED
+        self._kernel_fds += self.ns.values()
+        held_by_kernel.update(self.ns.values())
         self._started = True
         self.worker = worker_pid(self.child.pid, two_stage(self.spec, pid_namespace_in_kernel(self.spec)))
 
@@ -414,6 +422,10 @@ class Box:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def ns_path(self, kind: str) -> str:
+        """A path the kernel may open for the box's namespace *kind* (``net``, ``uts``...)."""
+        return f"/proc/{os.getpid()}/fd/{self.ns[kind]}"
 
     def __repr__(self) -> str:
         return f"<Box {self.name!r} pid {self.worker} {self.state} ({self.spec.describe()})>"

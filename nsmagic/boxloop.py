@@ -27,7 +27,9 @@ from typing import Callable
 from . import protocol
 from .child import Channel, explain_steps, send_report
 from .outcome import Outcome
+from .kinds import KINDS
 from .protocol import Kind
+from .syscalls import set_undumpable
 
 
 @dataclass
@@ -52,16 +54,21 @@ class Serve:
     """The job of a box's process: serve cells until told to stop. Returns None, so that the
     child reports nothing more when it ends."""
 
-    #: A box stays dumpable (see child._seal_off): the kernel opens /proc/<worker>/ns/* for
-    #: %nslink and --join-KIND BOX, which an unprivileged kernel may not do to an undumpable one.
-    keeps_dumpable = True
+    #: The box makes itself undumpable (child._seal_off's rule), but only once it has handed the
+    #: kernel its namespaces: an unprivileged kernel may not open /proc/PID/ns/* of an
+    #: undumpable process, and needs them for %nsls, %nslink and --join-KIND BOX.
+    seals_itself = True
 
-    def __init__(self, executor: Executor):
+    def __init__(self, executor: Executor, undumpable: bool = False):
         self.executor = executor
+        self.undumpable = undumpable
 
     def __call__(self, channel: Channel) -> None:
         commands = socket.socket(fileno=channel.answers)
         _signal.signal(signal.SIGINT, _signal.SIG_IGN)
+        send_namespaces(commands)
+        if self.undumpable:
+            set_undumpable()
         protocol.send(channel.control, Kind.STARTED)
         try:
             while True:
@@ -88,6 +95,34 @@ class Serve:
                     os.close(memfd)
         finally:
             commands.detach()  # the fd is the channel's; the child's exit closes it
+
+
+def send_namespaces(commands: socket.socket) -> None:
+    """Hand the kernel an fd of each of this process's namespaces, with their ``/proc`` names
+    (SCM_RIGHTS): the box's namespaces, however its /proc may later be guarded."""
+    names, fds = [], []
+    try:
+        for kind in KINDS:
+            try:
+                fds.append(os.open(f"/proc/self/ns/{kind.proc}", os.O_RDONLY | os.O_CLOEXEC))
+                names.append(kind.proc)
+            except OSError:  # a kind this Linux does not have
+                pass
+        socket.send_fds(commands, [" ".join(names).encode()], fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def receive_namespaces(commands: socket.socket) -> dict[str, int]:
+    """The kernel's side of :func:`send_namespaces`: ``/proc`` name -> fd."""
+    data, fds, _, _ = socket.recv_fds(commands, 256, len(KINDS))
+    names = data.decode("ascii", "replace").split()
+    if len(names) != len(fds) or not set(names) <= {kind.proc for kind in KINDS}:
+        for fd in fds:
+            os.close(fd)
+        raise protocol.ProtocolError("a box sent its namespaces garbled")
+    return dict(zip(names, fds))
 
 
 def receive_run(commands: socket.socket) -> tuple[bytes, int] | None:

@@ -373,10 +373,16 @@ def _seal_off(plan: Plan) -> None:
     kernel then may not read this process's memory unless it is root, and values come back
     through the memfd instead.)"""
     _drop_inherited_fds((plan.control, plan.answers, plan.memfd))
-    if getattr(plan.job, "keeps_dumpable", False):  # a box, for now: see boxloop.Serve
+    if getattr(plan.job, "seals_itself", False):  # a box: first it hands the kernel its namespaces
         return
-    if plan.spec.user or "user" in plan.spec.join or plan.spec.rootfs is not None:
+    if needs_undumpable(plan.spec):
         set_undumpable()
+
+
+def needs_undumpable(spec: Namespaces) -> bool:
+    """Whether the programs a cell runs would be root over it (a user namespace, or a --rootfs
+    whose programs are not the host's), so that its process must be undumpable."""
+    return bool(spec.user or "user" in spec.join or spec.rootfs is not None)
 
 
 def _work(plan: Plan) -> int:

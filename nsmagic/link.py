@@ -59,32 +59,27 @@ def link(a, b, addr_a: str | None = None, addr_b: str | None = None) -> Link:
                               "the kernel's); make it with -n")
     wanted = _parse(addr_a, addr_b) if addr_a is not None else None
     name_a, name_b = _ifname(b.name), _ifname(a.name)
-    fd_a = os.open(f"/proc/{a.worker}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    fd_b = os.open(f"/proc/{b.worker}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        user = _common_user_namespace(a, b)
-        taken = _in(fd_a, user, _networks) + _in(fd_b, user, _networks) + _host_networks()
-        ip_a, ip_b = wanted if wanted is not None else network._free_link_local([(n, "") for n in taken])
-        for net in taken:
-            if wanted is not None and net.overlaps(ip_a.network):
-                raise OptionError(f"%nslink: {ip_a.network} overlaps {net}, which a box or the host uses; "
-                                  "choose another prefix, or give no addresses to pick a free link-local /30")
+    fd_a, fd_b = a.ns["net"], b.ns["net"]  # the boxes' own: the kernel holds them
+    user = _common_user_namespace(a, b)
+    taken = _in(fd_a, user, _networks) + _in(fd_b, user, _networks) + _host_networks()
+    ip_a, ip_b = wanted if wanted is not None else network._free_link_local([(n, "") for n in taken])
+    for net in taken:
+        if wanted is not None and net.overlaps(ip_a.network):
+            raise OptionError(f"%nslink: {ip_a.network} overlaps {net}, which a box or the host uses; "
+                              "choose another prefix, or give no addresses to pick a free link-local /30")
 
-        def make(ipr):
-            try:
-                ipr.link("add", ifname=name_a, kind="veth", peer={"ifname": name_b, "net_ns_fd": fd_b})
-            except network._NetlinkError as e:
-                if e.code == errno.EEXIST:
-                    raise OptionError(f"%nslink: box {a.name!r} already has a link named {name_a!r}: "
-                                      f"boxes {a.name!r} and {b.name!r} are linked already") from None
-                raise _error(a, b, e) from None
-            _configure(ipr, name_a, ip_a)
+    def make(ipr):
+        try:
+            ipr.link("add", ifname=name_a, kind="veth", peer={"ifname": name_b, "net_ns_fd": fd_b})
+        except network._NetlinkError as e:
+            if e.code == errno.EEXIST:
+                raise OptionError(f"%nslink: box {a.name!r} already has a link named {name_a!r}: "
+                                  f"boxes {a.name!r} and {b.name!r} are linked already") from None
+            raise _error(a, b, e) from None
+        _configure(ipr, name_a, ip_a)
 
-        _in(fd_a, user, make)
-        _in(fd_b, user, lambda ipr: _configure(ipr, name_b, ip_b))
-    finally:
-        os.close(fd_a)
-        os.close(fd_b)
+    _in(fd_a, user, make)
+    _in(fd_b, user, lambda ipr: _configure(ipr, name_b, ip_b))
     return Link(a.name, b.name, name_a, name_b, ip_a, ip_b)
 
 
@@ -156,14 +151,14 @@ def _common_user_namespace(a, b) -> int | None:
     network._pyroute2()
     if os.geteuid() == 0:
         return None
-    ids = [os.stat(f"/proc/{box.worker}/ns/user").st_ino for box in (a, b)]
+    ids = [os.fstat(box.ns["user"]).st_ino for box in (a, b)]
     if ids[0] != ids[1]:
         raise PrivilegeError(
             f"%nslink: boxes {a.name!r} and {b.name!r} are each in a user namespace of their own, and a "
             "veth pair between them needs CAP_NET_ADMIN over both, which only a process in a common "
             f"user namespace has (or root). Make the second box join the first one's: "
             f"%%innamespace --name {b.name} -n --join-user {a.name} ... (then %nslink again)")
-    return os.open(f"/proc/{a.worker}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    return a.ns["user"]
 
 
 def _in(net_fd: int, user_fd: int | None, fn):

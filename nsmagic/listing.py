@@ -34,13 +34,16 @@ class Row:
 def row(box) -> Row:
     kinds = [k for k in KINDS if getattr(box.spec, k.field) or k.proc in box.spec.join]
     alive = box.state != "dead" and box.worker > 0
-    namespaces = [(k.proc, _inode(box.worker, k.proc) if alive else "-") for k in kinds]
+    namespaces = [(k.proc, _inode(box, k.proc) if alive else "-") for k in kinds]
     pids = _tree(box.worker) if alive else []
     flags = [k.letter for k in kinds]  # nsenter(1)'s letters are unshare(1)'s
     if "-U" in flags:  # the user namespace first, so that the others are entered with its rights
         flags.remove("-U")
         flags.insert(0, "-U --preserve-credentials")
     nsenter = f"nsenter -t {box.worker} {' '.join(flags)}".rstrip() if alive else ""
+    if alive and box.undumpable and os.geteuid() != 0:
+        # Linux lets only root open an undumpable process's /proc/PID/ns (see README, Security)
+        nsenter = f"sudo {nsenter}"
     limit = None
     if box.spec.memory is not None:
         from .environment.cgroups import parse_memory
@@ -85,10 +88,12 @@ def table(boxes) -> Table:
     return Table([row(box) for box in boxes])
 
 
-def _inode(pid: int, ns: str) -> str:
+def _inode(box, ns: str) -> str:
+    """From the kernel's own fd of the box's namespace: an undumpable box's /proc/PID/ns is
+    root's alone."""
     try:
-        return os.readlink(f"/proc/{pid}/ns/{ns}").split(":", 1)[1]
-    except (OSError, IndexError):
+        return f"[{os.fstat(box.ns[ns]).st_ino}]"
+    except (OSError, KeyError):
         return "?"
 
 

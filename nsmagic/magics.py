@@ -313,7 +313,7 @@ class InNamespaceMagics(Magics):
             if found is not None:
                 if found.state == box_module.DEAD:
                     raise UsageError(f"--join-{kind} {target}: box {target!r} has ended ({found.death})")
-                target = f"/proc/{found.worker}/ns/{kind}"
+                target = found.ns_path(kind)
             joins[kind] = target
         return joins
 

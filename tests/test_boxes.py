@@ -232,6 +232,14 @@ def test_rootless_box_keeps_state_and_links_in_one_user_namespace(rootless_kerne
         cell = k.execute("%%innamespace --name home\nimport os\nvisits.append(len([p for p in os.listdir('/proc') "
                          "if p.isdigit()]))\nvisits").ok()
         assert cell.result["text/plain"] == "[1, 0, 1]"
+        # a program the box runs (root in the box's user namespace) cannot reach the box's
+        # channel through /proc/1/fd: the box's process is undumpable, as a -r cell's is
+        cell = k.execute("%%innamespace --name home\nimport subprocess\nsubprocess.run(['sh', '-c', "
+                         "'ls /proc/1/fd >/dev/null 2>&1 && echo open || echo refused'], "
+                         "capture_output=True, text=True).stdout.strip()").ok()
+        assert cell.result["text/plain"] == "'refused'"
+        listed = k.execute("%nsls").ok().result["text/plain"]  # read from the kernel's own fds
+        assert "net:[" in listed and "?" not in listed.split("enter:")[0]
         # two boxes in sibling user namespaces cannot be linked; the error says how
         k.execute("%%innamespace --name other -r -n --lo\npass").ok()
         cell = k.execute("%nslink home other")
