@@ -225,7 +225,7 @@ def preload() -> None:
     if _preloaded or shell is None:
         return
     try:
-        import pexpect  # noqa: F401
+        import pexpect  # noqa: F401  (imported for later: `!cmd` after pivot_root needs it loaded)
     except ImportError:  # not installed: nothing to load
         pass
     formatter = shell.InteractiveTB

@@ -7,11 +7,11 @@ it fails (``boxes`` fixture).
 import os
 import signal
 import threading
-import time
 
 import psutil
 import pytest
 
+from helpers import wait_until
 from kernel import Kernel
 from processes import wait_gone
 
@@ -134,6 +134,32 @@ def test_server_in_one_box_answers_a_client_in_another_over_nslink(boxes):
     assert cell.ename == "UsageError"
 
 
+def test_output_beyond_the_backlog_between_cells_is_dropped_with_a_note(boxes, tmp_path):
+    k = boxes
+    go, done = tmp_path / "go", tmp_path / "done"
+    k.execute("import nsmagic.box\nsaved_backlog = nsmagic.box.BACKLOG\nnsmagic.box.BACKLOG = 1000").ok()
+    try:
+        # 200 KB, more than a pipe holds: "done" is written only once the kernel has read most of
+        # it into the box's backlog, so the oldest lines must have been dropped by then
+        k.execute(f"%%innamespace --name chatty -n\nimport os, threading, time\n"
+                  "def chatter():\n"
+                  f"    while not os.path.exists({str(go)!r}):\n"
+                  "        time.sleep(0.01)\n"
+                  "    for i in range(2000):\n"
+                  "        print(f'line {i:04d} ' + 'x' * 90, flush=True)\n"
+                  "    print('last line', flush=True)\n"
+                  f"    open({str(done)!r}, 'w').close()\n"
+                  "threading.Thread(target=chatter, daemon=True).start()").ok()
+        go.touch()  # the cell is over: what the thread prints now comes between cells
+        assert wait_until(done.exists, seconds=60)
+        cell = k.execute("%%innamespace --name chatty\nprint('the next cell')").ok()
+        assert "characters that box 'chatty' wrote between cells were dropped" in cell.stderr, cell.stderr
+        assert "line 0000 " not in cell.stdout  # the oldest went
+        assert cell.stdout.rstrip().endswith("last line\nthe next cell"), cell.stdout[-300:]  # the latest came
+    finally:
+        k.execute("nsmagic.box.BACKLOG = saved_backlog").ok()
+
+
 def test_one_shot_cell_joins_a_box_by_name(boxes):
     k = boxes
     k.execute("%%innamespace --name holder -u --hostname held-box\npass").ok()
@@ -150,8 +176,7 @@ def test_a_dead_box_is_reported_and_remade(boxes):
     assert cell.result["text/plain"] == "False"  # a new box
     # killed from outside between cells: the next use says so, then the name is free
     os.kill(worker(k, "fragile"), signal.SIGKILL)
-    time.sleep(0.5)
-    assert "dead" in k.execute("%nsls").ok().result["text/plain"]
+    assert wait_until(lambda: "dead" in k.execute("%nsls").ok().result["text/plain"], step=0.2)
     cell = k.execute("%%innamespace --name fragile\npass")
     assert cell.ename == "BoxDied" and "between cells" in cell.evalue and "SIGKILL" in cell.evalue
     k.execute("%%innamespace --name fragile\npass").ok()
@@ -220,6 +245,20 @@ def test_library_box_without_ipython():
             box.run_code("1 / 0")
         pid = box.worker
     assert wait_gone([pid]) == []
+
+
+def test_library_box_run_after_stop_raises_box_died():
+    from nsmagic import Box, BoxDied, Namespaces
+
+    box = Box(Namespaces(uts=True))
+    try:
+        assert box.run(int, "42") == 42
+    finally:
+        box.stop()
+    with pytest.raises(BoxDied):
+        box.run(int, "42")
+    with pytest.raises(BoxDied):
+        box.run_code("42")
 
 
 @pytest.mark.rootless

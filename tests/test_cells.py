@@ -3,13 +3,12 @@ options, interrupts and timeouts, all through a real kernel's messages."""
 
 import ast
 import os
-import signal
 import time
 
 import psutil
 import pytest
 
-from helpers import MAPPED_MEMFDS, wait_until
+from helpers import MAPPED_MEMFDS, Running, wait_until
 from processes import descendants, kill_sleepers, wait_gone
 
 pytestmark = [pytest.mark.kernel, pytest.mark.root]
@@ -249,34 +248,22 @@ def test_configurable_default_options(kernel):
 
 # -- interrupts and timeouts ----------------------------------------------------------------
 
-def _start_sleeper(k, options: str, body: str = "time.sleep(60)") -> str:
-    msg_id = k.kc.execute(f"%%innamespace {options}\nimport os, subprocess, time\n"
-                          "helper = subprocess.Popen(['sleep', '600'])\n"
-                          "detached = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
-                          f"print('started', flush=True)\n{body}")
-    end = time.monotonic() + 20
-    while time.monotonic() < end:
-        msg = k.kc.iopub_channel.get_msg(timeout=20)
-        if msg["parent_header"].get("msg_id") == msg_id and "started" in msg["content"].get("text", ""):
-            return msg_id
-    raise AssertionError("the cell never started")
-
-
-def _finish(k, msg_id):
-    while True:
-        reply = k.kc.shell_channel.get_msg(timeout=30)
-        if reply["parent_header"].get("msg_id") == msg_id:
-            return reply["content"]
+def _start_sleeper(k, options: str, body: str = "time.sleep(60)") -> Running:
+    cell = Running(k, f"%%innamespace {options}\nimport os, subprocess, time\n"
+                      "helper = subprocess.Popen(['sleep', '600'])\n"
+                      "detached = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+                      f"print('started', flush=True)\n{body}")
+    cell.wait_for("started")
+    return cell
 
 
 @pytest.mark.parametrize("options", ["-n", "-n -p --mount-proc", "-r -p"])
 def test_interrupt_kills_child_and_everything_in_its_namespace(fresh_kernel, options):
-    msg_id = _start_sleeper(fresh_kernel, options)
+    cell = _start_sleeper(fresh_kernel, options)
     victims = [p.pid for p in descendants(fresh_kernel.pid)]
     assert len(victims) >= 3, "the child and its two sleeps"
     t0 = time.monotonic()
-    fresh_kernel.km.interrupt_kernel()
-    reply = _finish(fresh_kernel, msg_id)
+    reply = cell.interrupt()
     try:
         assert reply["ename"] == "KeyboardInterrupt"
         assert time.monotonic() - t0 < 10
@@ -287,10 +274,9 @@ def test_interrupt_kills_child_and_everything_in_its_namespace(fresh_kernel, opt
 
 
 def test_interrupt_kills_a_cell_that_ignores_sigint(fresh_kernel):
-    msg_id = _start_sleeper(fresh_kernel, "-p", "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)")
+    cell = _start_sleeper(fresh_kernel, "-p", "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)")
     victims = [p.pid for p in descendants(fresh_kernel.pid)]
-    fresh_kernel.km.interrupt_kernel()
-    assert _finish(fresh_kernel, msg_id)["ename"] == "KeyboardInterrupt"
+    assert cell.interrupt()["ename"] == "KeyboardInterrupt"
     assert wait_gone(victims) == []
 
 
@@ -379,21 +365,11 @@ def test_a_child_sigkill_cannot_end_yet_is_left_to_the_reaper(fresh_kernel, froz
 
 
 def test_finally_blocks_run_on_interrupt(fresh_kernel):
-    msg_id = fresh_kernel.kc.execute("%%innamespace -p\nimport time\ntry:\n    print('in', flush=True)\n"
-                                     "    time.sleep(60)\nfinally:\n    print('cleaned up', flush=True)")
-    texts = []
-    while not any("in" in t for t in texts):
-        msg = fresh_kernel.kc.iopub_channel.get_msg(timeout=20)
-        texts.append(msg["content"].get("text", ""))
-    fresh_kernel.km.interrupt_kernel()
-    _finish(fresh_kernel, msg_id)
-    end = time.monotonic() + 5
-    while time.monotonic() < end and not any("cleaned up" in t for t in texts):
-        try:
-            texts.append(fresh_kernel.kc.iopub_channel.get_msg(timeout=1)["content"].get("text", ""))
-        except Exception:
-            pass
-    assert any("cleaned up" in t for t in texts)
+    cell = Running(fresh_kernel, "%%innamespace -p\nimport time\ntry:\n    print('in', flush=True)\n"
+                                 "    time.sleep(60)\nfinally:\n    print('cleaned up', flush=True)")
+    cell.wait_for("in")
+    assert cell.interrupt()["ename"] == "KeyboardInterrupt"
+    assert "cleaned up" in cell.text, cell.text
 
 
 # -- input ----------------------------------------------------------------------------------

@@ -9,11 +9,10 @@ import ctypes
 import os
 import socket
 import struct
-import time
 
 import pytest
 
-from helpers import wait_until
+from helpers import Running, wait_until
 
 from nsmagic import Namespaces, OptionError, PrivilegeError, SetupError, run
 from nsmagic.environment.cgroups import (Hierarchy, Place, choose, hierarchies, human_size, is_top,
@@ -165,20 +164,11 @@ def test_nothing_is_left_after_a_timeout_or_a_crash(kernel):
 def test_nothing_is_left_after_an_interrupt(fresh_kernel):
     k = fresh_kernel
     before = cgroups_of(k.pid)
-    msg_id = k.kc.execute("%%innamespace -p --memory 64M --pids 20 --cpus 0.5\n"
-                          "import time\nprint('started', flush=True)\ntime.sleep(60)")
-    during = None
-    while during is None:
-        msg = k.kc.get_iopub_msg(timeout=20)
-        if msg["parent_header"].get("msg_id") == msg_id and "started" in msg["content"].get("text", ""):
-            during = cgroups_of(k.pid)
-    assert len(during) > len(before)  # the cell's cgroups exist while it runs
-    k.km.interrupt_kernel()
-    while True:
-        reply = k.kc.get_shell_msg(timeout=30)
-        if reply["parent_header"].get("msg_id") == msg_id:
-            break
-    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    cell = Running(k, "%%innamespace -p --memory 64M --pids 20 --cpus 0.5\n"
+                      "import time\nprint('started', flush=True)\ntime.sleep(60)")
+    cell.wait_for("started")
+    assert len(cgroups_of(k.pid)) > len(before)  # the cell's cgroups exist while it runs
+    assert cell.interrupt()["ename"] == "KeyboardInterrupt"
     assert settled(k.pid, before) == before
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import pickle
 import struct
-import sys
 import textwrap
 import uuid
 
 import pytest
 
-from nsmagic import Namespaces, ProtocolError, execute, run_code
+from nsmagic import Namespaces, ProtocolError, run_code
 from nsmagic import protocol
 from nsmagic.outcome import Outcome, Report, decode_report, make_report
 from nsmagic.protocol import MAX_FRAME, FrameReader, Kind

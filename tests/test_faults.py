@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from helpers import Running
 from kernel import Kernel
 from processes import descendants, wait_gone
 
@@ -177,23 +178,9 @@ def test_a_huge_timeout_is_a_timeout_not_an_overflow(victim):
                          ids=["syscall", "busy", "flood"])
 @pytest.mark.parametrize("options", ["-n", "-p"])
 def test_an_interrupt_ends_any_cell(victim, body, options):
-    msg_id = victim.kc.execute(f"%%innamespace {options}\nprint('started', flush=True)\n{body}")
-    end = time.monotonic() + 30
-    while time.monotonic() < end:
-        msg = victim.kc.iopub_channel.get_msg(timeout=30)
-        if msg["parent_header"].get("msg_id") == msg_id and "started" in msg["content"].get("text", ""):
-            break
-    victim.km.interrupt_kernel()
-    while True:
-        reply = victim.kc.shell_channel.get_msg(timeout=60)
-        if reply["parent_header"].get("msg_id") == msg_id:
-            break
-    assert reply["content"]["ename"] == "KeyboardInterrupt"
-    while True:  # what the flood left in iopub
-        try:
-            victim.kc.iopub_channel.get_msg(timeout=0.5)
-        except Exception:
-            break
+    cell = Running(victim, f"%%innamespace {options}\nprint('started', flush=True)\n{body}")
+    cell.wait_for("started")
+    assert cell.interrupt()["ename"] == "KeyboardInterrupt"  # read up to idle: the flood too
     _alive_and_clean(victim)
 
 

@@ -7,7 +7,6 @@ cell) and removed by them; the processes holding them are ended by their PID.
 import os
 import secrets
 import subprocess
-import time
 from contextlib import contextmanager
 
 import psutil
@@ -15,7 +14,7 @@ import pytest
 
 from nsmagic import mountinfo
 
-from helpers import wait_until
+from helpers import Running, wait_until
 
 pytestmark = [pytest.mark.kernel, pytest.mark.root]
 
@@ -107,14 +106,11 @@ def test_join_uts_of_a_process_made_by_unshare(kernel):
 
 
 def test_join_uts_of_another_nsmagic_cell(kernel, fresh_kernel):
-    from test_network import Running
-
     holder = Running(fresh_kernel, "%%innamespace --hostname nsmtest-box\nimport os, time\n"
                                    "print('pid', os.getpid(), flush=True)\ntime.sleep(60)")
     pid = int(holder.wait_for(r"pid (\d+)").group(1))
     assert kernel.value_in(f"--join-uts {pid}", "__import__('socket').gethostname()") == "nsmtest-box"
-    fresh_kernel.km.interrupt_kernel()
-    assert holder.finish()["ename"] == "KeyboardInterrupt"
+    assert holder.interrupt()["ename"] == "KeyboardInterrupt"
 
 
 # -- user, pid, mnt, ipc: a small container made by unshare -------------------------------------

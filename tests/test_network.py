@@ -10,14 +10,13 @@ import re
 import socket
 import subprocess
 import threading
-import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import psutil
 import pytest
 
-from helpers import wait_until
+from helpers import Running, wait_until
 
 IP_FREEBIND = 15
 
@@ -45,53 +44,6 @@ def no_leak(kernel):
     assert wait_until(lambda: not links(kernel.pid)), links(kernel.pid)
     yield
     assert wait_until(lambda: not links(kernel.pid)), f"left behind: {links(kernel.pid)}"
-
-
-class Running:
-    """A cell started without waiting for it, so the test can act while it runs."""
-
-    def __init__(self, kernel, code: str):
-        self.kernel, self.text = kernel, ""
-        self.msg_id = kernel.kc.execute(code)
-
-    def wait_for(self, pattern: str, seconds: float = 30) -> re.Match:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            try:
-                msg = self.kernel.kc.iopub_channel.get_msg(timeout=1)
-            except Exception:
-                continue
-            if msg["parent_header"].get("msg_id") != self.msg_id:
-                continue
-            if msg["msg_type"] == "stream":
-                self.text += msg["content"]["text"]
-                if m := re.search(pattern, self.text):
-                    return m
-            elif msg["msg_type"] == "error":
-                raise AssertionError(f"{msg['content']['ename']}: {msg['content']['evalue']}\n{self.text}")
-        raise AssertionError(f"the cell never printed {pattern!r}; it printed {self.text!r}")
-
-    def finish(self, seconds: float = 30) -> dict:
-        """The cell's reply, after everything it printed has been read into ``text``."""
-        end = time.monotonic() + seconds
-        idle = False
-        while not idle and time.monotonic() < end:
-            try:
-                msg = self.kernel.kc.iopub_channel.get_msg(timeout=1)
-            except Exception:
-                continue
-            if msg["parent_header"].get("msg_id") == self.msg_id:
-                if msg["msg_type"] == "stream":
-                    self.text += msg["content"]["text"]
-                idle = msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
-        while time.monotonic() < end:
-            try:
-                reply = self.kernel.kc.shell_channel.get_msg(timeout=1)
-            except Exception:
-                continue
-            if reply["parent_header"].get("msg_id") == self.msg_id:
-                return reply["content"]
-        raise AssertionError("the cell did not finish")
 
 
 def ping(address: str) -> int:
@@ -285,8 +237,7 @@ def test_overlapping_prefix_is_refused_and_interrupt_removes_the_pair(kernel, fr
     assert cell.ename == "UsageError"
     assert f"overlaps {net}" in cell.evalue and f"nsm{fresh_kernel.pid:x}-" in cell.evalue
     assert "body ran" not in cell.stdout
-    fresh_kernel.km.interrupt_kernel()
-    assert holder.finish()["ename"] == "KeyboardInterrupt"
+    assert holder.interrupt()["ename"] == "KeyboardInterrupt"
     assert wait_until(lambda: not links(fresh_kernel.pid)), links(fresh_kernel.pid)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from helpers import Running
 from processes import is_sentinel
 
 pytestmark = [pytest.mark.slow, pytest.mark.kernel, pytest.mark.root]
@@ -157,18 +158,10 @@ def _run_batch(k, codes: list[str]) -> set[str]:
 
 
 def _interrupted(k) -> None:
-    msg_id = k.kc.execute("%%innamespace -n\nimport time\nprint('started', flush=True)\ntime.sleep(60)",
-                          stop_on_error=False)
-    while True:
-        msg = k.kc.iopub_channel.get_msg(timeout=30)
-        if msg["parent_header"].get("msg_id") == msg_id and "started" in msg["content"].get("text", ""):
-            break
-    k.km.interrupt_kernel()
-    while True:
-        reply = k.kc.shell_channel.get_msg(timeout=60)
-        if reply["parent_header"].get("msg_id") == msg_id:
-            assert reply["content"]["ename"] == "KeyboardInterrupt"
-            return
+    cell = Running(k, "%%innamespace -n\nimport time\nprint('started', flush=True)\ntime.sleep(60)",
+                   stop_on_error=False)
+    cell.wait_for("started")
+    assert cell.interrupt()["ename"] == "KeyboardInterrupt"
 
 
 @pytest.mark.timeout(1800)
