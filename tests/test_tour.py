@@ -204,13 +204,13 @@ def test_first_cell_is_a_child_in_the_kernels_namespaces(executed):
     assert result(executed, "check-first") == "True"
 
 
-@pytest.mark.notebook
-@pytest.mark.root
 #: The devices Linux makes in every new network namespace while their tunnel module is loaded
 #: (sit, ipip, ip6_tunnel, ip6_gre, ip_gre, ip_vti, ip6_vti): down, with no address, no way out.
 TUNNEL_DEVICES = {"sit0", "tunl0", "ip6tnl0", "ip6gre0", "gre0", "gretap0", "erspan0", "ip_vti0", "ip6_vti0"}
 
 
+@pytest.mark.notebook
+@pytest.mark.root
 def test_net_has_only_lo_and_it_is_down(executed):
     out = stdout(executed, "check-net")
     assert line_value(out, "new namespaces:") == "['net']"
