@@ -247,18 +247,18 @@ def test_library_box_without_ipython():
     assert wait_gone([pid]) == []
 
 
-def test_library_box_run_after_stop_raises_box_died():
-    from nsmagic import Box, BoxDied, Namespaces
+def test_library_box_run_after_stop_says_it_was_stopped():
+    from nsmagic import Box, Namespaces, OptionError
 
     box = Box(Namespaces(uts=True))
     try:
         assert box.run(int, "42") == 42
     finally:
         box.stop()
-    with pytest.raises(BoxDied):
+    with pytest.raises(OptionError, match="was stopped"):  # a stopped box is not a dead one
         box.run(int, "42")
-    with pytest.raises(BoxDied):
-        box.run_code("42")
+    with pytest.raises(OptionError, match="was stopped"):  # and says so every time
+        box.run(int, "42")
 
 
 @pytest.mark.rootless
