@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from .kinds import KINDS
+from .proctree import children
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -103,12 +104,7 @@ def _tree(pid: int) -> list[int]:
     while todo:
         current = todo.pop()
         out.append(current)
-        try:
-            for tid in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{tid}/children") as f:
-                    todo += map(int, f.read().split())
-        except (OSError, ValueError):
-            pass
+        todo += children(current)
     return out
 
 
