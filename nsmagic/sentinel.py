@@ -23,8 +23,9 @@ cost per cell is one pidfd handed over a socket.
 Where the sentinel cannot be started (or has died), children keep SIGKILL as their
 parent-death signal, as before: never frozen without someone to end them.
 
-The sentinel is this file run by path (``python -I -S sentinel.py``), importing only the standard
-library while it watches; nsmagic itself is imported only for the sweep, after the kernel died.
+The sentinel is this file run by path (``python -I -S sentinel.py FD KERNEL_PID``), importing only
+the standard library and its sibling nsmagic/proctree.py while it watches; nsmagic itself is
+imported only for the sweep, after the kernel died.
 """
 
 from __future__ import annotations
