@@ -30,6 +30,7 @@ import pickle
 import select
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import fields
@@ -39,16 +40,17 @@ import cloudpickle
 
 from . import source, syscalls
 from .boxloop import Executor, Request, Serve, receive_namespaces, send_run
-from .child import Plan, held_by_kernel, needs_undumpable, two_stage
+from .child import PATIENCE, Plan, held_by_kernel, needs_undumpable, two_stage
 from .clone import pid_namespace_in_kernel, spawn
 from .dispatch import Conversation
 from .errors import BoxDied, CellTimeout, OptionError, ProtocolError
 from .handle import Child
 from .outcome import Result, capture, rebuild
-from .environment import build as build_parts, cleanup_all, prepare_all
+from .environment import annotate_all, build as build_parts, cleanup_all, exit_reason, host_side, needs_host, prepare_all
 from .protocol import Kind
 from .pump import Pump, StreamDecoder, read_some
-from .runner import KILL_WAIT, Sinks, check_outputs, check_privileges, explanation, open_pipes, worker_pid
+from .runner import (Sinks, check_outputs, check_privileges, check_waits, child_of, explanation, open_pipes,
+                     stop, worker_pid)
 from .spec import Namespaces
 from .values import Unpacker
 
@@ -86,10 +88,15 @@ class Box:
                  timeout: float | None = None, explain: bool = False,
                  executor: Executor | None = None):
         self.spec = namespaces or Namespaces()
-        self.name = name or f"box-{next(_serial)}"
+        self.name = name or _free_name()
+        if get(self.name) is not None:
+            raise OptionError(f"there is already a box named {self.name!r}")
+        check_waits(timeout, grace)
         self.grace = grace
         self.state = IDLE
         self.death: str | None = None
+        #: What using the box after its end raises.
+        self.death_error: Exception | None = None
         self.created = time.monotonic()
         self.cells = 0
         self.sinks = sinks or Sinks()
@@ -131,7 +138,7 @@ class Box:
             self.streams = [out_r, err_r]
             self._conversation = Conversation(
                 self.sinks, self._commands.fileno(), None, lambda: self.worker,
-                host_side=self._host_side if any(p.needs_host for p in self.parts) else None,
+                host_side=self._host_side if needs_host(self.parts) else None,
                 explain=(lambda report: self.sinks.explain(
                     explanation(log, report, self.parts, self.child.pid, self.spec))) if explain else None,
                 extra={Kind.STARTED: self._on_started})
@@ -153,9 +160,11 @@ class Box:
             if not self._started:
                 self.child.signal(signal.SIGKILL)
                 status = self.child.reap()
-                reasons = [r for r in (p.exit_reason(status) for p in self.parts) if r]
                 self._close()
-                raise BoxDied(self.name, self.child.pid, status, reasons[0] if reasons else None, starting=True)
+                raise BoxDied(self.name, self.child.pid, status, exit_reason(self.parts, status), starting=True)
+            self.state = IDLE
+            _registry_add(self)
+            _watcher.watch(self)
         except BaseException:
             for fd in child_fds:
                 os.close(fd)
@@ -167,17 +176,12 @@ class Box:
             raise
         finally:
             self.sinks.flush()
-        self.state = IDLE
-        _registry_add(self)
-        _watcher.watch(self)
 
     def _forked(self, pid: int) -> None:
-        self.child = Child(pid, cleanup=lambda: cleanup_all(self.parts) if self.parts else None)
+        self.child = child_of(pid, self.parts)
 
     def _host_side(self) -> None:
-        for part in self.parts:
-            if part.needs_host:
-                part.host(self.child.pid)
+        host_side(self.parts, self.child.pid)
 
     def _on_started(self, payload: bytes) -> None:
         if self._started:
@@ -228,8 +232,7 @@ class Box:
         """Run one request in the box and bring back its :class:`~nsmagic.outcome.Result`; the
         cell's own exception is in the result, not raised. A timeout or an interrupt stops the
         cell and leaves the box alive, unless it does not stop within the grace period."""
-        if timeout is not None and not 0 < timeout < float("inf"):
-            raise OptionError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        check_waits(timeout, self.grace)
         if not self._busy.acquire(blocking=False):
             raise OptionError(f"box {self.name!r} is running another cell; a box runs one cell at a time")
         try:
@@ -240,6 +243,7 @@ class Box:
 
     def _execute(self, request: Request, timeout, sinks, namespace) -> Result:
         _watcher.unwatch(self)
+        self._check_alive()  # it may have ended while the watcher had it
         self.sinks = sinks or Sinks()
         self.state = RUNNING
         self.cells += 1
@@ -261,7 +265,10 @@ class Box:
                 self._interrupt(conversation, timeout)
             if conversation.report is None:
                 self._died_in_cell()
-            return rebuild(conversation.report, unpacker, self.worker)
+            result = rebuild(conversation.report, unpacker, self.worker)
+            if result.error is not None:
+                annotate_all(self.parts, result.error)
+            return result
         except ProtocolError:
             self._kill()
             raise
@@ -309,14 +316,13 @@ class Box:
     def _died_in_cell(self):
         self.child.signal(signal.SIGKILL)
         status = self.child.reap()
-        reasons = [r for r in (p.exit_reason(status) for p in self.parts) if r]
-        self._ended(BoxDied(self.name, self.child.pid, status, reasons[0] if reasons else None))
-        _registry_remove(self)
+        self._ended(BoxDied(self.name, self.child.pid, status, exit_reason(self.parts, status)))
+        forget(self)
         raise self.death_error
 
     def _check_alive(self) -> None:
         if self.state is DEAD:
-            _registry_remove(self)
+            forget(self)
             raise self.death_error
 
     # -- output between cells -------------------------------------------------------------------
@@ -353,39 +359,35 @@ class Box:
         cells left running, as a one-shot child does, and exits; after the grace period, SIGKILL
         to its process group, which ends it and, with ``-p``, its whole PID namespace."""
         with self._busy:
-            if self.state is DEAD:
-                _registry_remove(self)
-                return
             _watcher.unwatch(self)
+            if self.state is DEAD:  # ended by itself (reported at its next use) or stopped
+                forget(self)
+                return
             self.state = DEAD
             self.death = "stopped"
+            self.death_error = OptionError(f"box {self.name!r} was stopped; make a new one (in a notebook, "
+                                           f"a cell with --name {self.name} and its options)")
             try:
                 self._commands.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            if not self.child.wait(self.grace + 2.5):  # the box's sweep waits 2 s at most
-                self.child.signal(signal.SIGKILL)
-                if not self.child.wait(KILL_WAIT):
-                    self.child.leave_to_reaper()
-            if not self.child.done:
+            if self.child.wait(self.grace + PATIENCE):  # its sweep waits PATIENCE at most
                 self.child.reap()
+            else:
+                stop(self.child, None, None, signal.SIGKILL, 0)
             self._close()
-            _registry_remove(self)
+            forget(self)
 
     def _kill(self) -> None:
         """SIGKILL the box (its group; with -p its PID namespace) and clean up after it."""
         _watcher.unwatch(self)
-        self.child.signal(signal.SIGKILL)
-        if self.child.wait(KILL_WAIT):
-            self.child.reap()
-        else:
-            self.child.leave_to_reaper()
+        stop(self.child, None, None, signal.SIGKILL, 0)
         status = self.child.status
         if self.state is not DEAD:
             self._ended(BoxDied(self.name, self.child.pid, status if status is not None else signal.SIGKILL,
                                 "killed by nsmagic"))
         self._close()
-        _registry_remove(self)
+        forget(self)
 
     def _ended(self, error: BoxDied) -> None:
         self.state = DEAD
@@ -397,8 +399,7 @@ class Box:
         """The watcher saw the box's process end between cells."""
         self.pump.drain_streams()
         status = self.child.reap()
-        reasons = [r for r in (p.exit_reason(status) for p in self.parts) if r]
-        self._ended(BoxDied(self.name, self.child.pid, status, reasons[0] if reasons else None, idle=True))
+        self._ended(BoxDied(self.name, self.child.pid, status, exit_reason(self.parts, status), idle=True))
 
     def _close(self) -> None:
         for fd in self._kernel_fds:
@@ -432,6 +433,13 @@ class Box:
 
 
 _serial = iter(range(1, 1 << 62))
+
+
+def _free_name() -> str:
+    while True:
+        name = f"box-{next(_serial)}"
+        if get(name) is None:
+            return name
 
 # -- the boxes of this process ------------------------------------------------------------------
 
@@ -485,10 +493,6 @@ def _spelled(field_name: str, value) -> str:
 
 def forget(box: Box) -> None:
     """Free the name of a box that has ended."""
-    _registry_remove(box)
-
-
-def _registry_remove(box: Box) -> None:
     if _owner == os.getpid() and _boxes.get(box.name) is box:
         del _boxes[box.name]
 
@@ -533,15 +537,7 @@ class _Watcher:
 
     def unwatch(self, box: Box) -> None:
         with box._io:  # the watcher is not in the middle of reading the box's pipes
-            with self._lock:
-                if self._owner != os.getpid():
-                    return
-                for fd in [fd for fd, b in self._fds.items() if b is box]:
-                    del self._fds[fd]
-                    try:
-                        self._epoll.unregister(fd)
-                    except OSError:
-                        pass
+            self._forget(box)
 
     def _run(self, epoll) -> None:
         while True:
@@ -558,23 +554,29 @@ class _Watcher:
                     with self._lock:
                         if self._fds.get(fd) is not box:  # taken over by a cell meanwhile
                             continue
-                    if fd == box.child.pidfd:
+                    try:
+                        self._handle(box, fd)
+                    except Exception as e:  # one box's trouble must not stop the thread for all
                         self._forget(box)
-                        try:
-                            box._ended_while_idle()
-                        except Exception:
-                            pass
-                        continue
-                    data = read_some(fd)
-                    if data:
-                        box.pump.streams[fd].feed(data)
-                    elif data == b"":
-                        with self._lock:
-                            self._fds.pop(fd, None)
-                            epoll.unregister(fd)
+                        print(f"nsmagic: stopped watching box {box.name!r} between cells: {e}", file=sys.stderr)
+
+    def _handle(self, box: Box, fd: int) -> None:
+        if fd == box.child.pidfd:
+            self._forget(box)
+            box._ended_while_idle()
+            return
+        data = read_some(fd)
+        if data:
+            box.pump.streams[fd].feed(data)
+        elif data == b"":
+            with self._lock:
+                self._fds.pop(fd, None)
+                self._epoll.unregister(fd)
 
     def _forget(self, box: Box) -> None:
         with self._lock:
+            if self._owner != os.getpid():
+                return
             for fd in [fd for fd, b in self._fds.items() if b is box]:
                 del self._fds[fd]
                 try:

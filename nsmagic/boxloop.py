@@ -26,7 +26,7 @@ from typing import Callable
 
 from . import protocol
 from .child import Channel, explain_steps, send_report
-from .outcome import Outcome
+from .outcome import Outcome, failed
 from .kinds import KINDS
 from .protocol import Kind
 from .syscalls import set_undumpable
@@ -88,6 +88,8 @@ class Serve:
                     _signal.signal(signal.SIGINT, _signal.default_int_handler)
                     try:
                         outcome = self.executor(request, channel)
+                    except BaseException as e:  # the request itself (its --in values, a pickled
+                        outcome = failed(e)     # call that cannot load here): the cell's error
                     finally:
                         _signal.signal(signal.SIGINT, _signal.SIG_IGN)
                     send_report(channel, memfd, outcome, request.outputs, outcome.namespace)

@@ -67,12 +67,6 @@ class Child:
         except ProcessLookupError:
             pass
 
-    def ended(self) -> bool:
-        """Whether the child has exited (its pidfd is readable); does not reap it."""
-        if self.pidfd < 0:
-            return False
-        return _readable(self.pidfd)
-
     def wait(self, seconds: float) -> bool:
         """Wait up to *seconds* for the child to exit (without reaping it); whether it did."""
         if self.pidfd < 0:

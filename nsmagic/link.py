@@ -166,11 +166,7 @@ def _in(net_fd: int, user_fd: int | None, fn):
     kernel as root, or, in a user namespace *user_fd*, in a forked helper (only a process with
     one thread may enter a user namespace)."""
     if user_fd is None:
-        def inside(ipr):
-            setns(net_fd, CloneFlag.NEWNET)  # this thread only; it ends after
-            with network._IPRoute() as inner:
-                return fn(inner)
-        return network.Network._netlink(inside)
+        return network.Network._netlink(fn, netns=net_fd)
     return _in_helper(net_fd, user_fd, fn)
 
 
@@ -180,13 +176,17 @@ def _in_helper(net_fd: int, user_fd: int, fn):
     from .clone import fork
 
     read, write = os.pipe()
-    pid = fork()
+    try:
+        pid = fork()
+    except BaseException:
+        os.close(read)
+        os.close(write)
+        raise
     if pid == 0:  # the helper: enter, do, report, _exit
         try:
             os.close(read)
             setns(user_fd, CloneFlag.NEWUSER)
-            setns(net_fd, CloneFlag.NEWNET)
-            result = network.Network._netlink(fn)
+            result = network.Network._netlink(fn, netns=net_fd)
             payload = pickle.dumps((True, result))
         except BaseException as e:
             try:
@@ -198,8 +198,8 @@ def _in_helper(net_fd: int, user_fd: int, fn):
         finally:
             os._exit(0)
     os.close(write)
+    chunks = []
     try:
-        chunks = []
         while chunk := os.read(read, 1 << 16):
             chunks.append(chunk)
     except BaseException:
@@ -207,7 +207,14 @@ def _in_helper(net_fd: int, user_fd: int, fn):
         raise
     finally:
         os.close(read)
-        os.waitpid(pid, 0)
+        while True:  # it has ended or been killed: the wait is short, and not left to chance
+            try:
+                os.waitpid(pid, 0)
+                break
+            except KeyboardInterrupt:
+                continue
+            except ChildProcessError:
+                break
     ok, value = pickle.loads(b"".join(chunks))
     if not ok:
         raise value

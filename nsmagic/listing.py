@@ -13,6 +13,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from .box import DEAD
+
 from .kinds import KINDS
 from .proctree import children
 
@@ -34,7 +36,7 @@ class Row:
 
 def row(box) -> Row:
     kinds = [k for k in KINDS if getattr(box.spec, k.field) or k.proc in box.spec.join]
-    alive = box.state != "dead" and box.worker > 0
+    alive = box.state != DEAD and box.worker > 0
     namespaces = [(k.proc, _inode(box, k.proc) if alive else "-") for k in kinds]
     pids = _tree(box.worker) if alive else []
     flags = [k.letter for k in kinds]  # nsenter(1)'s letters are unshare(1)'s
@@ -49,7 +51,7 @@ def row(box) -> Row:
     if box.spec.memory is not None:
         from .environment.cgroups import parse_memory
         limit = parse_memory(box.spec.memory)
-    return Row(box.name, box.worker, box.state if box.state != "dead" else f"dead ({box.death})",
+    return Row(box.name, box.worker, box.state if box.state != DEAD else f"dead ({box.death})",
                namespaces, time.monotonic() - box.created, len(pids), sum(map(_rss, pids)), limit, nsenter)
 
 

@@ -109,8 +109,13 @@ def capture(fn, *args, **kwargs) -> Outcome:
     try:
         return Outcome(value=fn(*args, **kwargs))
     except BaseException as e:  # the child reports everything, even SystemExit
-        lines = tb_module.format_exception(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None)
-        return Outcome(error=e, traceback=lines)
+        return failed(e)
+
+
+def failed(e: BaseException) -> Outcome:
+    """The outcome of a job that raised *e* (its traceback without the frame that called it)."""
+    tb = e.__traceback__.tb_next if e.__traceback__ else None
+    return Outcome(error=e, traceback=tb_module.format_exception(type(e), e, tb))
 
 
 def make_report(outcome: Outcome, outputs: list[str], packer: Packer) -> Report:

@@ -26,7 +26,8 @@ from .dispatch import Conversation
 from .errors import CellTimeout, ChildDied, OptionError, PrivilegeError, ProtocolError
 from .handle import Child
 from .outcome import Outcome, Result, capture, rebuild
-from .environment import annotate_all, build as build_parts, cleanup_all, prepare_all
+from .environment import (annotate_all, build as build_parts, cleanup_all, exit_reason, host_side,
+                          needs_host, prepare_all)
 from .pump import Pump, StreamDecoder
 from .spec import Namespaces
 from .syscalls import CAP_SYS_ADMIN, CloneFlag, advice, has_capability
@@ -111,6 +112,20 @@ def check_outputs(names) -> list[str]:
     return out
 
 
+def check_waits(timeout: float | None, grace: float) -> None:
+    """A timeout (None: none) must be a positive, finite number of seconds; a grace period a
+    finite one from 0: every wait the kernel makes is bounded."""
+    if timeout is not None and not 0 < timeout < float("inf"):
+        raise OptionError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
+    if not 0 <= grace < float("inf"):
+        raise OptionError(f"grace must be a finite number of seconds from 0, not {grace!r}")
+
+
+def child_of(pid: int, parts: list) -> Child:
+    """The handle of a child just forked, whose clean-up undoes *parts*."""
+    return Child(pid, cleanup=(lambda: cleanup_all(parts)) if parts else None)
+
+
 def check_privileges(spec: Namespaces) -> None:
     """Refuse before forking what the kernel certainly may not do (bubblewrap's rule)."""
     needs_admin = spec.flags & ~CloneFlag.NEWUSER
@@ -142,10 +157,7 @@ def execute(
     """
     spec = spec or Namespaces()
     outputs = check_outputs(outputs)
-    if timeout is not None and not 0 < timeout < float("inf"):
-        raise OptionError(f"timeout must be a positive, finite number of seconds, not {timeout!r}")
-    if not 0 <= grace < float("inf"):
-        raise OptionError(f"grace must be a finite number of seconds from 0, not {grace!r}")
+    check_waits(timeout, grace)
     check_privileges(spec)
     return _Run(job, spec, outputs, timeout, sinks or Sinks(), grace, namespace, explain).run()
 
@@ -265,7 +277,7 @@ class _Run:
             unpacker = Unpacker(memfd, self.namespace)
             conversation = Conversation(
                 self.sinks, ans_w, unpacker, self._worker_pid, outputs=self.outputs,
-                host_side=self._host_side if any(p.needs_host for p in self.parts) else None,
+                host_side=self._host_side if needs_host(self.parts) else None,
                 explain=self._explain if self.log is not None else None)
             plan = Plan(
                 spec=self.spec, job=self.job, outputs=self.outputs, kernel_pid=os.getpid(),
@@ -312,15 +324,14 @@ class _Run:
 
     def _started(self, pid: int) -> None:
         """Called by spawn() the moment the child exists, so an interrupt cannot lose it."""
-        self.child = Child(pid, cleanup=lambda: cleanup_all(self.parts) if self.parts else None)
+        self.child = child_of(pid, self.parts)
 
     def _died(self, pump: Pump):
         """The child ended without a report: what it started ends with it (the zombie holds the
         group's id), and the parts say if they caused it."""
         self.child.signal(signal.SIGKILL)
         status = self.child.reap()
-        reasons = [r for r in (p.exit_reason(status) for p in self.parts) if r]
-        raise ChildDied(self.child.pid, status, reasons[0] if reasons else None)
+        raise ChildDied(self.child.pid, status, exit_reason(self.parts, status))
 
     def _worker_pid(self) -> int:
         """The pid, here, of the process that ran the job: the child, or its only child."""
@@ -328,9 +339,7 @@ class _Run:
 
     def _host_side(self) -> None:
         """The child has made its namespaces and waits: do the parts' kernel-side work."""
-        for part in self.parts:
-            if part.needs_host:
-                part.host(self.child.pid)
+        host_side(self.parts, self.child.pid)
 
     def _explain(self, report: dict) -> None:
         self.sinks.explain(explanation(self.log, report, self.parts, self.child.pid, self.spec))

@@ -90,6 +90,26 @@ def annotate_all(parts: list[Part], error: BaseException) -> None:
                 pass
 
 
+def exit_reason(parts: list[Part], status: int) -> str | None:
+    """Words for how a child ended, from the first part that caused it (an OOM kill), or None."""
+    for part in parts:
+        reason = part.exit_reason(status)
+        if reason:
+            return reason
+    return None
+
+
+def host_side(parts: list[Part], pid: int) -> None:
+    """The kernel's side of each part, while the child *pid* waits (a veth end moved in)."""
+    for part in parts:
+        if part.needs_host:
+            part.host(pid)
+
+
+def needs_host(parts: list[Part]) -> bool:
+    return any(part.needs_host for part in parts)
+
+
 def cleanup_all(parts: list[Part]) -> None:
     """Undo every part, in reverse order; a failure is reported and does not stop the others."""
     for part in reversed(parts):

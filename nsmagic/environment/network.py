@@ -185,13 +185,16 @@ class Network(Part):
                 _ours_changed.notify_all()
 
     @staticmethod
-    def _netlink(fn):
-        """``fn(ipr)`` in a thread of its own, where pyroute2 may run its asyncio loop and which
-        may enter another network namespace."""
+    def _netlink(fn, netns: int | None = None):
+        """``fn(ipr)`` in a thread of its own, where pyroute2 may run its asyncio loop; with
+        *netns* (an fd), the thread first enters that network namespace (setns is per thread,
+        and the thread ends after), so the socket is made there."""
         box: dict = {}
 
         def work():
             try:
+                if netns is not None:
+                    setns(netns, CloneFlag.NEWNET)
                 with _IPRoute() as ipr:
                     box["value"] = fn(ipr)
             except BaseException as e:
