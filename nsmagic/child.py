@@ -28,6 +28,7 @@ from typing import Callable
 from . import protocol, sentinel, steps
 from .explain import inodes
 from .outcome import Outcome, make_report
+from .proctree import children
 from .protocol import Kind
 from .spec import Namespaces
 from .syscalls import set_child_subreaper, set_parent_death_signal, set_undumpable
@@ -306,7 +307,7 @@ def end_leftovers(patience: float = PATIENCE) -> None:
         except ChildProcessError:
             return  # no children left
         dying = []
-        for pid in _children():
+        for pid in children():  # this process's, in the /proc it sees
             try:
                 fd = os.pidfd_open(pid)
             except OSError:
@@ -328,19 +329,6 @@ def end_leftovers(patience: float = PATIENCE) -> None:
                 os.close(fd)
         if not ended or time.monotonic() >= deadline:
             return
-
-
-def _children() -> list[int]:
-    """This process's children, from every thread's list (a thread's children, and orphans
-    handed to this subreaper, are listed under the thread they belong to)."""
-    pids: list[int] = []
-    try:
-        for tid in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{tid}/children") as f:
-                pids += map(int, f.read().split())
-    except (OSError, ValueError):
-        pass
-    return pids
 
 
 def _drop_inherited_fds(keep) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .box import DEAD
 
 from .kinds import KINDS
+from .proctree import children
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -105,12 +106,7 @@ def _tree(pid: int) -> list[int]:
     while todo:
         current = todo.pop()
         out.append(current)
-        try:
-            for tid in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{tid}/children") as f:
-                    todo += map(int, f.read().split())
-        except (OSError, ValueError):
-            pass
+        todo += children(current)
     return out
 
 

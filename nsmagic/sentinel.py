@@ -23,8 +23,9 @@ cost per cell is one pidfd handed over a socket.
 Where the sentinel cannot be started (or has died), children keep SIGKILL as their
 parent-death signal, as before: never frozen without someone to end them.
 
-The sentinel is this file run by path (``python -I -S sentinel.py``), importing only the standard
-library while it watches; nsmagic itself is imported only for the sweep, after the kernel died.
+The sentinel is this file run by path (``python -I -S sentinel.py FD KERNEL_PID``), importing only
+the standard library and its sibling nsmagic/proctree.py while it watches; nsmagic itself is
+imported only for the sweep, after the kernel died.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ import signal
 import socket
 import sys
 import time
+
+if __package__:
+    from .proctree import children, gone
+else:  # run by path, as the sentinel (``-I``: nsmagic is not on sys.path): its sibling file
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # last: the standard library wins
+    from proctree import children, gone
+    del sys.path[-1]
 
 #: The parent-death signal a child forked now should ask for (read in the child after the fork).
 death_signal = signal.SIGKILL
@@ -79,7 +87,7 @@ class Guard:
             env = {"NSMAGIC_SENTINEL_PATH": os.pathsep.join(p for p in sys.path if p),
                    "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", os.path.abspath(__file__), str(theirs.fileno())],
+                [sys.executable, "-I", "-S", os.path.abspath(__file__), str(theirs.fileno()), str(os.getpid())],
                 pass_fds=(theirs.fileno(),), start_new_session=True, cwd="/", env=env,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             # Ready once it holds a pidfd of this process (a kernel killed before that moment
@@ -137,32 +145,42 @@ guard = Guard()
 # -- the sentinel process ------------------------------------------------------------------------
 
 
-def _main(sock_fd: int) -> None:
+def _main(sock_fd: int, kernel_pid: int) -> None:
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=sock_fd)
-    kernel_pid = os.getppid()
-    kernel = os.pidfd_open(kernel_pid)
-    if os.getppid() != kernel_pid:  # the kernel died before we held it
-        _end_all(kernel_pid, [], sock)
+    # Non-blocking: socket.recv_fds drops its flags argument (MSG_DONTWAIT), and a blocking read
+    # would wait for the next child instead of watching the kernel. EOF cannot be relied on to
+    # end it: a frozen child may still hold a copy of the kernel's end.
+    sock.setblocking(False)
+    # The kernel's pid comes from the kernel: getppid() alone would name init or a subreaper if
+    # the kernel died before this line, and that would be watched forever. While the kernel
+    # lives it is our parent, so its pid cannot have been reused: a pidfd opened while getppid()
+    # still names it is the kernel's.
+    try:
+        kernel = os.pidfd_open(kernel_pid)
+    except OSError:  # gone already (and reaped)
+        kernel = -1
+    if kernel < 0 or os.getppid() != kernel_pid:  # the kernel died before we held it
+        _end_all([], sock)
         return
     sock.send(b"1")
     poller = select.poll()
     poller.register(kernel, select.POLLIN)
     poller.register(sock, select.POLLIN)
-    children: dict[int, int] = {}  # pidfd -> pidfd (kept open: it pins the process)
+    watched: dict[int, int] = {}  # pidfd -> pidfd (kept open: it pins the process)
     _sweep_aside()  # what kernels that died earlier left
     while True:
         for fd, events in poller.poll():
             if fd == kernel:
-                _end_all(kernel_pid, list(children), sock)
+                _end_all(list(watched), sock)
                 return
             if fd == sock.fileno():
-                if not _receive(sock, poller, children) and events & (select.POLLHUP | select.POLLERR):
+                if not _receive(sock, poller, watched) and events & (select.POLLHUP | select.POLLERR):
                     poller.unregister(sock)  # the kernel closed its end (it is exiting)
             else:  # a child exited by itself
                 poller.unregister(fd)
-                children.pop(fd, None)
+                watched.pop(fd, None)
                 os.close(fd)
 
 
@@ -174,7 +192,7 @@ def _sweep_aside() -> None:
         try:
             if os.fork() == 0:
                 try:
-                    _sweep(quiet=True)
+                    _sweep()
                 finally:
                     os._exit(0)
         finally:
@@ -182,11 +200,11 @@ def _sweep_aside() -> None:
     os.waitpid(middle, 0)
 
 
-def _receive(sock: socket.socket, poller, children: dict) -> bool:
+def _receive(sock: socket.socket, poller, watched: dict) -> bool:
     got = False
     while True:
         try:
-            msg, fds, _, _ = socket.recv_fds(sock, 16, 4, socket.MSG_DONTWAIT)
+            msg, fds, _, _ = socket.recv_fds(sock, 16, 4)
         except (BlockingIOError, InterruptedError):
             return got
         except OSError:
@@ -195,17 +213,17 @@ def _receive(sock: socket.socket, poller, children: dict) -> bool:
             return got
         got = True
         for fd in fds:
-            children[fd] = fd
+            watched[fd] = fd
             poller.register(fd, select.POLLIN)
 
 
-def _end_all(kernel_pid: int, children: list[int], sock: socket.socket) -> None:
+def _end_all(watched: list[int], sock: socket.socket) -> None:
     """The kernel is gone: end every tree it left, then sweep."""
     pending: dict = {}
     _receive(sock, select.poll(), pending)  # children handed over just before the end
-    for pidfd in children + list(pending):
+    for pidfd in watched + list(pending):
         end_tree(pidfd)
-    _sweep(quiet=True)
+    _sweep()
 
 
 def end_tree(pidfd: int, patience: float = PATIENCE) -> None:
@@ -220,7 +238,7 @@ def end_tree(pidfd: int, patience: float = PATIENCE) -> None:
         while True:
             grew = False
             for parent in [root, *held]:
-                for pid in _children(parent):
+                for pid in children(parent):
                     if pid in held:
                         continue
                     try:
@@ -266,21 +284,6 @@ def _pid_of(pidfd: int) -> int:
     return -1
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += map(int, f.read().split())
-        except (OSError, ValueError):
-            pass
-    return out
-
-
 def _parent_of(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -291,38 +294,17 @@ def _parent_of(pid: int) -> int:
 
 # -- sweeping what dead kernels left -----------------------------------------------------------
 
-_CGROUP = re.compile(r"nsmagic-(\d+)-\d+")
 _LINK = re.compile(r"nsm([0-9a-f]+)-[0-9a-f]+")
 
 
-def _gone(pid: int) -> bool:
-    """No such process, or only its zombie (a killed kernel whose parent has not reaped it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-    except (OSError, IndexError):
-        return False
-
-
 def stale_cgroups() -> list[str]:
-    """cgroups nsmagic made (``nsmagic-<kernel pid>-<n>``, beside or under this process's own)
-    whose kernel is gone."""
-    from nsmagic.environment.cgroups import hierarchies
+    """cgroups nsmagic made for a kernel that is gone (its cells' and its leaf, see
+    :func:`nsmagic.environment.cgroups.stale`), beside or under this process's own."""
+    from nsmagic.environment.cgroups import hierarchies, stale
 
     with open("/proc/self/cgroup") as f, open("/proc/self/mountinfo") as g:
         found = hierarchies(f.read(), g.read())
-    out = []
-    for h in found:
-        for parent in {h.own, os.path.dirname(h.own)}:
-            try:
-                names = os.listdir(parent)
-            except OSError:
-                continue
-            out += [os.path.join(parent, n) for n in names
-                    if (m := _CGROUP.fullmatch(n)) and _gone(int(m[1]))]
-    return sorted(set(out))
+    return sorted({path for h in found for parent in {h.own, os.path.dirname(h.own)} for path in stale(parent)})
 
 
 def stale_links() -> list[str]:
@@ -331,19 +313,23 @@ def stale_links() -> list[str]:
         names = os.listdir("/sys/class/net")
     except OSError:
         return []
-    return sorted(n for n in names if (m := _LINK.fullmatch(n)) and _gone(int(m[1], 16)))
+    return sorted(n for n in names if (m := _LINK.fullmatch(n)) and gone(int(m[1], 16)))
 
 
-def sweep(quiet: bool = False) -> list[str]:
-    """Remove what dead kernels left: their cgroups (killing what is still in them) and their
+def sweep() -> list[str]:
+    """Remove what dead kernels left: their cgroups (killing what is still in a cell's) and their
     veth pairs. Returns what could not be removed (it belongs to another user, or is busy)."""
+    from nsmagic.environment.cgroups import remove
+
     failed = []
     try:
         groups = stale_cgroups()
     except OSError:  # no /proc/self/cgroup: nothing to sweep
         groups = []
     for path in groups:
-        if not _remove_cgroup(path):
+        try:
+            remove(path)
+        except OSError:
             failed.append(path)
     links = stale_links()
     if links:
@@ -351,43 +337,14 @@ def sweep(quiet: bool = False) -> list[str]:
     return failed
 
 
-def _sweep(quiet: bool) -> None:
+def _sweep() -> None:
     path = os.environ.get("NSMAGIC_SENTINEL_PATH")
     if path:
         sys.path[:0] = [p for p in path.split(os.pathsep) if p not in sys.path]
     try:
-        sweep(quiet)
-    except Exception:
+        sweep()
+    except Exception:  # nothing to report to: the kernel is gone, and the next sweep tries again
         pass
-
-
-def _remove_cgroup(path: str) -> bool:
-    deadline = time.monotonic() + PATIENCE
-    while True:
-        try:
-            os.rmdir(path)
-            return True
-        except FileNotFoundError:
-            return True
-        except OSError:
-            if time.monotonic() > deadline:
-                return False
-        try:
-            with open(os.path.join(path, "cgroup.kill"), "w") as f:
-                f.write("1")
-        except OSError:
-            try:
-                with open(os.path.join(path, "cgroup.procs")) as f:
-                    for pid in map(int, f.read().split()):
-                        try:
-                            fd = os.pidfd_open(pid)
-                        except OSError:
-                            continue
-                        _send(fd, signal.SIGKILL)
-                        os.close(fd)
-            except (OSError, ValueError):
-                pass
-        time.sleep(0.02)
 
 
 def _delete_links(names: list[str]) -> list[str]:
@@ -417,4 +374,4 @@ def _delete_links(names: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    _main(int(sys.argv[1]))
+    _main(int(sys.argv[1]), int(sys.argv[2]))

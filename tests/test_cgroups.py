@@ -211,6 +211,31 @@ def test_empty_cgroups_of_dead_kernels_are_swept(kernel):
 
 @pytest.mark.kernel
 @pytest.mark.root
+def test_cgroups_of_a_killed_kernel_not_yet_reaped_are_swept(kernel):
+    """A zombie kernel (its parent has not reaped it yet) is gone: its cells' cgroup and its
+    leaf are stale, as the sentinel's sweep counts them (one test, nsmagic.proctree.gone)."""
+    [pids] = [h for h in hierarchies(open(f"/proc/{kernel.pid}/cgroup").read(), open("/proc/self/mountinfo").read())
+              if "pids" in h.controllers]
+    parent = pids.own if not pids.v2 else os.path.dirname(pids.own)
+    zombie = os.fork()
+    if zombie == 0:
+        os._exit(0)
+    stale = [os.path.join(parent, f"nsmagic-{zombie}-{n}") for n in ("1", "kernel")]
+    try:
+        assert wait_until(lambda: open(f"/proc/{zombie}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 5, 0.01)
+        for path in stale:
+            os.mkdir(path)
+        kernel.execute("%%innamespace --pids 10\n1").ok()
+        assert [p for p in stale if os.path.exists(p)] == []
+    finally:
+        for path in stale:
+            if os.path.exists(path):
+                os.rmdir(path)
+        os.waitpid(zombie, 0)
+
+
+@pytest.mark.kernel
+@pytest.mark.root
 def test_cgroup_namespace_is_rooted_at_the_cells_cgroup(kernel):
     lines = kernel.value_in("-C --memory 64M --pids 20", "open('/proc/self/cgroup').read().splitlines()")
     limited = [line for line in lines if {"memory", "pids"} & set(line.split(":")[1].split(","))]

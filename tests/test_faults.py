@@ -17,6 +17,7 @@ import pytest
 
 from helpers import Running
 from kernel import Kernel
+from helpers import wait_until
 from processes import descendants, wait_gone
 
 # -- nothing survives the kernel -----------------------------------------------------------------
@@ -199,7 +200,7 @@ def test_a_later_kernel_sweeps_what_a_kernel_that_died_without_its_sentinel_left
         assert len(sentinels) == 1
         sentinels[0].kill()  # (a zombie until its kernel reaps it: not waited for)
         os.kill(pid, signal.SIGKILL)
-        time.sleep(1)  # (not a timing assertion: only to show that nothing removes them now)
+        # Checked at once: any kernel that starts on this machine from now on sweeps them.
         assert _links_of(pid) and _cgroups_of(pid), "the dead kernel's link and cgroup stay"
         later = Kernel.start()
         later.execute("%load_ext nsmagic").ok()
@@ -220,7 +221,127 @@ def test_a_later_kernel_sweeps_what_a_kernel_that_died_without_its_sentinel_left
 
 
 def test_the_sweep_reads_this_machines_cgroups_and_links():
-    from nsmagic import sentinel
+    from nsmagic import proctree, sentinel
 
     assert isinstance(sentinel.stale_cgroups(), list) and isinstance(sentinel.stale_links(), list)
-    assert not sentinel._gone(os.getpid()) and sentinel._gone(2 ** 22 + 1)
+    assert not proctree.gone(os.getpid()) and proctree.gone(2 ** 22 + 1)
+
+
+#: A subreaper (as a desktop session's systemd --user is) whose child, the "kernel", forks the
+#: sentinel's process and dies before it runs: the sentinel then starts as the subreaper's child.
+#: Prints whether the sentinel ended by itself, then ends it and its sweep's helpers.
+ORPHANED_SENTINEL = r"""
+import ctypes, os, select, signal, socket, sys, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+os.set_inheritable(theirs.fileno(), True)
+said, say = os.pipe()
+kernel = os.fork()
+if kernel == 0:
+    if os.fork() == 0:
+        while os.getppid() == kernel:  # until the kernel has died
+            time.sleep(0.01)
+        os.write(say, str(os.getpid()).encode())
+        os.execv(sys.executable, [sys.executable, "-I", "-S", sys.argv[1], str(theirs.fileno()), str(kernel)])
+    os._exit(0)
+theirs.close()
+pid = int(os.read(said, 16))
+pidfd = os.pidfd_open(pid)
+ended = select.select([pidfd], [], [], 30)[0]
+print("ended" if ended else "still watching", flush=True)
+os.kill(pid, signal.SIGKILL)
+"""
+
+
+def test_a_sentinel_whose_kernel_died_before_it_ran_sweeps_and_ends():
+    """It must not take its new parent (init, a subreaper) for the kernel and watch it forever."""
+    import subprocess
+    import sys
+
+    from nsmagic import sentinel
+
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}  # no nsmagic for its sweep: nothing swept
+    out = subprocess.run([sys.executable, "-c", ORPHANED_SENTINEL, sentinel.__file__], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ended", out.stderr
+
+
+#: A "kernel" with a sentinel: it forks a child that would be frozen at its death (still holding
+#: the kernel's end of the sentinel's socket, as a child does until it seals its descriptors
+#: off), hands it over, says both pids, and waits to be killed.
+WATCHED_CHILD = r"""
+import os, time
+from nsmagic import sentinel
+from nsmagic.syscalls import set_parent_death_signal
+assert sentinel.guard.arm(), "no sentinel"
+ready, say = os.pipe()
+child = os.fork()
+if child == 0:
+    set_parent_death_signal(sentinel.death_signal)
+    os.write(say, b"1")
+    time.sleep(600)
+    os._exit(0)
+os.read(ready, 1)
+sentinel.guard.watch(child)
+print(child, sentinel.guard._proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_sentinel_ends_a_child_that_still_holds_the_kernels_end_of_its_socket():
+    """The sentinel's socket never ends by EOF while a frozen child holds a copy of the kernel's
+    end: it must watch the kernel's pidfd, not wait in a read for a message that never comes."""
+    import subprocess
+    import sys
+
+    kernel = subprocess.Popen([sys.executable, "-c", WATCHED_CHILD], stdout=subprocess.PIPE, text=True)
+    pids, pidfds = [], []
+    try:
+        pids = [int(p) for p in kernel.stdout.readline().split()]
+        assert len(pids) == 2, "the kernel did not start its child and sentinel"
+        pidfds = [os.pidfd_open(p) for p in pids]  # theirs: the kernel lives and has not reaped them
+        kernel.kill()
+        kernel.wait()
+        left = wait_gone(pids, seconds=15)
+        assert not left, f"outlived the kernel: {left} of child, sentinel {pids}"
+    finally:
+        kernel.kill()
+        kernel.wait()
+        for fd in pidfds:  # whatever a failure left (frozen: SIGKILL still ends it)
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.close(fd)
+
+
+@pytest.mark.root
+def test_the_sweep_removes_a_dead_kernels_leaf_but_kills_nothing_in_it():
+    """A dead kernel's leaf (``nsmagic-<pid>-kernel``, see nsmagic.environment.cgroups) is
+    stale; what the kernel started outside its cells may live on in it, and is not nsmagic's."""
+    import subprocess
+
+    from nsmagic import sentinel
+    from nsmagic.environment.cgroups import hierarchies
+
+    [pids] = [h for h in hierarchies(open("/proc/self/cgroup").read(), open("/proc/self/mountinfo").read())
+              if "pids" in h.controllers]
+    dead = int(open("/proc/sys/kernel/pid_max").read()) + 1  # never a process
+    empty, busy = (os.path.join(pids.own, f"nsmagic-{pid}-kernel") for pid in (dead, dead + 1))
+    os.mkdir(empty)
+    os.mkdir(busy)
+    lives_on = subprocess.Popen(["sleep", "600"])
+    try:
+        with open(os.path.join(busy, "cgroup.procs"), "w") as f:
+            f.write(str(lives_on.pid))
+        assert {empty, busy} <= set(sentinel.stale_cgroups())
+        assert busy in sentinel.sweep()
+        assert not os.path.exists(empty) and os.path.exists(busy)
+        assert lives_on.poll() is None, "the sweep killed what a dead kernel started outside its cells"
+    finally:
+        lives_on.kill()
+        lives_on.wait()
+        for path in (empty, busy):
+            if os.path.exists(path):
+                wait_until(lambda: not open(os.path.join(path, "cgroup.procs")).read().split(), 5, 0.02)
+                os.rmdir(path)

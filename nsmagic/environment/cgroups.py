@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 from ..errors import OptionError, PrivilegeError, SetupError
 from ..mountinfo import parse as parse_mountinfo
+from ..proctree import gone
 from ..steps import do
 from .base import Part
 
@@ -180,6 +181,8 @@ SETUPS = {
 #: for the one reason that G may then give controllers to the cell's cgroup.
 _LEAF = re.compile(r"nsmagic-(\d+-kernel|others)")
 _OTHERS = "nsmagic-others"
+#: The cgroups nsmagic names for a kernel's pid: its cells' and its leaf.
+_MADE = re.compile(r"nsmagic-(\d+)-(?:\d+|kernel)")
 
 
 @dataclass(frozen=True)
@@ -338,10 +341,6 @@ def track(parent: str, enabled=frozenset()) -> None:
         _register_restore()
 
 
-def is_v2(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "cgroup.controllers"))
-
-
 def _move_out(group: str, controllers) -> None:
     me = os.getpid()
     leaf = os.path.join(group, f"nsmagic-{me}-kernel")
@@ -413,7 +412,7 @@ def _restore() -> None:
             # (a library caller may exit as soon as run() returns), and it is over now.
             for name in os.listdir(group):
                 if re.fullmatch(rf"nsmagic-{me}-\d+", name):
-                    _remove(_Group(os.path.join(group, name), is_v2(group), set()))
+                    remove(os.path.join(group, name))
             children = {d for d in os.listdir(group) if os.path.isdir(os.path.join(group, d))}
             if not children <= {leaf, _OTHERS}:
                 continue
@@ -544,7 +543,7 @@ class CgroupLimits(Part):
                     os.close(group.procs)
                     group.procs = -1
                 try:
-                    _remove(group)
+                    remove(group.path)
                 except OSError as e:
                     failures.append(f"{group.path}: {e.strerror or e}")
             self.groups = []
@@ -672,48 +671,58 @@ def _write(group: _Group, name: str, value: str) -> None:
     group.written.append((name, value))
 
 
-def _remove_stale(parent: str) -> None:
-    """Remove empty cgroups left by kernels that have gone: a cell's (the kernel died while it
-    ran) and a kernel's leaf (it could not move back at exit); and an empty ``nsmagic-others``."""
+def stale(parent: str) -> list[str]:
+    """The cgroups in *parent* that nsmagic made for a kernel that is gone (or a zombie: killed,
+    not yet reaped): its cells' (``nsmagic-<pid>-<n>``, the kernel died while they ran) and its
+    leaf (``nsmagic-<pid>-kernel``, it could not move back at exit). Used by a cell's set-up and
+    by the sentinel's sweep (nsmagic.sentinel)."""
     try:
         names = os.listdir(parent)
     except OSError:
-        return
-    for name in names:
-        m = re.fullmatch(r"nsmagic-(\d+)-(?:\d+|kernel)", name)
-        if (m and not os.path.exists(f"/proc/{m[1]}")) or name == _OTHERS:
-            try:
-                os.rmdir(os.path.join(parent, name))
-            except OSError:
-                pass
+        return []
+    return [os.path.join(parent, n) for n in names if (m := _MADE.fullmatch(n)) and gone(int(m[1]))]
 
 
-def _remove(group: _Group) -> None:
-    """Remove a cgroup, killing what is left in it (processes that outlived the child)."""
+def _remove_stale(parent: str) -> None:
+    """Remove the empty cgroups left by kernels that have gone, and an empty ``nsmagic-others``.
+    Only empty ones: a cell's set-up does not wait on what a dead kernel left running (the
+    sentinel's sweep kills that)."""
+    for path in [*stale(parent), os.path.join(parent, _OTHERS)]:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
+def remove(path: str) -> None:
+    """Remove a cgroup nsmagic made, killing what is left in a cell's (processes that outlived
+    the child). A kernel's leaf is only removed once empty: what the kernel started outside its
+    cells is not nsmagic's to end (and may be a sentinel). Raises OSError if it stays busy."""
     deadline = time.monotonic() + _REMOVE_WAIT
+    leaf = _LEAF.fullmatch(os.path.basename(path))
     while True:
         try:
-            os.rmdir(group.path)
+            os.rmdir(path)
             return
         except FileNotFoundError:
             return
         except OSError as e:
-            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+            if leaf or e.errno != errno.EBUSY or time.monotonic() > deadline:
                 raise
-        _kill_members(group)
+        _kill_members(path)
         time.sleep(0.005)
 
 
-def _kill_members(group: _Group) -> None:
-    kill = os.path.join(group.path, "cgroup.kill")
-    if group.v2 and os.path.exists(kill):
+def _kill_members(path: str) -> None:
+    kill = os.path.join(path, "cgroup.kill")  # cgroup v2, Linux >= 5.14
+    if os.path.exists(kill):
         try:
             with open(kill, "w") as f:
                 f.write("1")
             return
         except OSError:
             pass
-    procs = os.path.join(group.path, "cgroup.procs")
+    procs = os.path.join(path, "cgroup.procs")
     try:
         listed = {int(p) for p in _read(procs).split()}
     except OSError:
