@@ -84,7 +84,11 @@ class Guard:
         self._forget()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            env = {"NSMAGIC_SENTINEL_PATH": os.pathsep.join(p for p in sys.path if p),
+            # The sweep imports nsmagic and pyroute2 under -I -S, where neither an editable
+            # install's finder nor PYTHONPATH applies: the directory holding this package
+            # first, then the kernel's own path.
+            home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env = {"NSMAGIC_SENTINEL_PATH": os.pathsep.join([home, *(p for p in sys.path if p)]),
                    "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", os.path.abspath(__file__), str(theirs.fileno()), str(os.getpid())],
