@@ -323,18 +323,35 @@ def stale_links() -> list[str]:
 def sweep() -> list[str]:
     """Remove what dead kernels left: their cgroups (killing what is still in a cell's) and their
     veth pairs. Returns what could not be removed (it belongs to another user, or is busy)."""
-    from nsmagic.environment.cgroups import remove
+    from nsmagic.environment.cgroups import put_back, remove
 
     failed = []
     try:
         groups = stale_cgroups()
     except OSError:  # no /proc/self/cgroup: nothing to sweep
         groups = []
+    leaves = []
     for path in groups:
+        if path.endswith("-kernel"):
+            leaves.append(path)  # after the cells' cgroups beside it are gone
+            continue
         try:
             remove(path)
         except OSError:
             failed.append(path)
+    for path in leaves:
+        # A dead kernel's leaf move is undone as its exit would have: its leaf may still hold
+        # this sentinel, or what the kernel started outside its cells.
+        parent, name = os.path.split(path)
+        try:
+            put_back(parent, int(name.split("-")[1]))
+        except (OSError, ValueError):
+            pass
+        if os.path.isdir(path):
+            try:
+                remove(path)  # another kernel still uses the controllers: only an empty leaf goes
+            except OSError:
+                failed.append(path)
     links = stale_links()
     if links:
         failed += _delete_links(links)

@@ -41,6 +41,7 @@ EXPECTED = [
     "guest_cgroups::test_service_group_as_root",
     "guest_cgroups::test_delegated_scope_as_a_user[plain]",
     "guest_cgroups::test_delegated_scope_as_a_user[-r -p]",
+    "guest_cgroups::test_a_killed_kernels_sentinel_puts_the_tree_back",
     "guest_cgroups::test_a_killed_kernels_leaf_is_swept_by_the_next",
     "guest_cgroups::test_container_cgroup_namespace_as_root",
     "guest_cgroups::test_a_user_without_delegation_is_told_how_to_get_it",

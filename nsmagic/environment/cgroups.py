@@ -34,7 +34,9 @@ not, the cell fails before its child starts, with advice that fits the set-up.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import itertools
 import os
 import re
@@ -397,43 +399,117 @@ def _register_restore() -> None:
 
 def _restore() -> None:
     """At the kernel's exit, remove what is left of its cells' cgroups, and put back what
-    :func:`settle` changed if no one else now needs it: disable the controllers, move the
-    processes back into G, remove the leaves.
+    :func:`settle` changed (:func:`put_back`).
 
-    Where another kernel's cells still use G, or the kernel is killed and cannot run this, its
-    leaf is left: empty once the kernel has gone, and removed by the next kernel's sweep (a leaf
-    named for a dead pid), or by systemd with the unit (scope, service) it belongs to.
+    Where another kernel's cells still use G, its leaf is left, and moved back by the last of
+    them. A kernel killed cannot run this: its sentinel's sweep puts back in its place
+    (nsmagic.sentinel), or, where it had none, the next kernel's.
     """
     me = os.getpid()
     for group, enabled in list(_changed.items()):
-        leaf = f"nsmagic-{me}-kernel"
         try:
             # The last cell's cgroup may still be there: its clean-up runs in the background
             # (a library caller may exit as soon as run() returns), and it is over now.
             for name in os.listdir(group):
                 if re.fullmatch(rf"nsmagic-{me}-\d+", name):
                     remove(os.path.join(group, name))
-            children = {d for d in os.listdir(group) if os.path.isdir(os.path.join(group, d))}
-            if not children <= {leaf, _OTHERS}:
-                continue
-            if leaf in children and _read(os.path.join(group, leaf, "cgroup.procs")).split() != [str(me)]:
-                continue  # something the kernel started lives on in its leaf
-            off = _words(os.path.join(group, "cgroup.subtree_control")) if children else enabled
-            if off:
-                with open(os.path.join(group, "cgroup.subtree_control"), "w") as f:
-                    f.write(" ".join(f"-{n}" for n in sorted(off)))
-            for name in sorted(children, key=lambda d: d != _OTHERS):  # the others first, then us
-                for pid in _read(os.path.join(group, name, "cgroup.procs")).split():
-                    try:
-                        with open(os.path.join(group, "cgroup.procs"), "w") as f:
-                            f.write(pid)
-                    except ProcessLookupError:
-                        pass
-                os.rmdir(os.path.join(group, name))
+            put_back(group, me, enabled)
         except OSError:
-            continue  # left for the next kernel's sweep
+            continue  # left for the next sweep
         finally:
             _changed.pop(group, None)
+
+
+#: How often put_back() looks again at a leaf that processes were forked into meanwhile.
+_MOVE_ROUNDS = 20
+
+
+def put_back(group: str, kernel: int, enabled=frozenset()) -> bool:
+    """Undo what :func:`settle` did in *group* for the kernel of pid *kernel*, if no other kernel
+    now needs it: disable the controllers, move the processes of the leaves (the kernel's and
+    ``nsmagic-others``) back into *group*, remove the leaves. Returns whether it did.
+
+    Used by the kernel at its exit, and by a sweep for a kernel that is gone. Everything in the
+    kernel's leaf moves back with it, not only the kernel: its sentinel and what the kernel
+    started outside its cells were in *group* before the move, and belong there again. Without a
+    leaf (the top cgroup), only the controllers this kernel enabled (*enabled*) are disabled.
+    Raises OSError if the tree could not be written.
+    """
+    leaf = f"nsmagic-{kernel}-kernel"
+    if not os.path.exists(os.path.join(group, "cgroup.subtree_control")):
+        return False  # cgroup v1: no leaf moves there
+    with _locked(group):
+        children = {d for d in os.listdir(group) if os.path.isdir(os.path.join(group, d))}
+        if not children <= {leaf, _OTHERS}:
+            return False  # another kernel's leaf or cells: the controllers are still needed
+        off = _words(os.path.join(group, "cgroup.subtree_control")) if children else enabled
+        if off:
+            # Disabling is allowed while the leaves hold processes; moving them into a group
+            # that gives controllers to children is not (no internal processes).
+            with open(os.path.join(group, "cgroup.subtree_control"), "w") as f:
+                f.write(" ".join(f"-{n}" for n in sorted(off)))
+        for name in sorted(children, key=lambda d: d != _OTHERS):  # the others first, then the kernel
+            _empty_into(os.path.join(group, name), group)
+        return True
+
+
+def _empty_into(leaf: str, group: str) -> None:
+    """Move every process of *leaf* into *group* and remove *leaf*, again for those forked meanwhile."""
+    for _ in range(_MOVE_ROUNDS):
+        try:
+            pids = _read(os.path.join(leaf, "cgroup.procs")).split()
+        except FileNotFoundError:
+            return
+        for pid in pids:
+            try:
+                with open(os.path.join(group, "cgroup.procs"), "w") as f:
+                    f.write(pid)
+            except ProcessLookupError:
+                pass  # exited meanwhile
+        try:
+            os.rmdir(leaf)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+    os.rmdir(leaf)  # still busy: raises, and the next sweep tries again
+
+
+#: How long a kernel waits for another one's hold on a cgroup it is about to change.
+_LOCK_WAIT = 5.0
+
+
+@contextlib.contextmanager
+def _locked(group: str):
+    """Hold an advisory lock on *group* (flock(2) on its directory), so that one kernel's
+    :func:`put_back` and another's cell set-up in the same cgroup do not interleave.
+
+    Danger: a flock belongs to the open file, which a fork made meanwhile by another thread
+    shares until the child drops its inherited fds (nsmagic.child does that first thing). So
+    the wait is bounded, and after it the work goes on unlocked, as it would without the lock.
+    """
+    try:
+        fd = os.open(group, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield  # the operation itself will say what is wrong with *group*
+        return
+    try:
+        deadline = time.monotonic() + _LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.002)
+            except OSError:
+                break  # no locks on this file system: unlocked, as before
+        yield
+    finally:
+        os.close(fd)
 
 
 # -- the part ------------------------------------------------------------------------------
@@ -481,17 +557,19 @@ class CgroupLimits(Part):
     def prepare(self) -> None:
         found = hierarchies(_read("/proc/self/cgroup"), _read("/proc/self/mountinfo"))
         for h, controllers in choose(self.needed, found).items():
-            if h.v2:
-                parent = kernel_group(h)
-                _remove_stale(parent)
-                settle(v2_place(h, controllers), controllers, h.own)
-            else:
-                parent = h.own
-                _check_writable(parent, controllers)
-                _remove_stale(parent)
-                track(parent)
+            parent = kernel_group(h) if h.v2 else h.own
             group = _Group(os.path.join(parent, f"nsmagic-{os.getpid()}-{next(_names)}"), h.v2, controllers)
-            _mkdir(group.path, controllers)
+            # Locked from the look at G to the cell's cgroup made in it: once that exists, no
+            # other kernel's put_back() takes the controllers away.
+            with _locked(parent):
+                if h.v2:
+                    _remove_stale(parent)
+                    settle(v2_place(h, controllers), controllers, h.own)
+                else:
+                    _check_writable(parent, controllers)
+                    _remove_stale(parent)
+                    track(parent)
+                _mkdir(group.path, controllers)
             self.groups.append(group)
             for name, value in self._limits(group):
                 _write(group, name, value)

@@ -46,7 +46,11 @@ try:
 except Exception as e:
     out['error'] = f'{type(e).__name__}: {e}'
 print(json.dumps(out), flush=True)
-if sys.argv[2:] == ['die']:
+if sys.argv[2:] == ['die-unwatched']:  # its sentinel killed first: no one cleans up for it
+    from nsmagic.sentinel import guard
+    os.kill(guard._proc.pid, 9)
+    guard._proc.wait()
+if sys.argv[2:3] in (['die'], ['die-unwatched']):
     os.kill(os.getpid(), 9)  # a kernel killed: no clean-up at exit
 """
 
@@ -58,11 +62,11 @@ def only_in_the_vm():
     assert os.path.exists(f"{ROOT}/cgroup.controllers") and os.geteuid() == 0
 
 
-def kernel(group: str | None, *, uid: int = 0, options: dict | None = None, die: bool = False,
+def kernel(group: str | None, *, uid: int = 0, options: dict | None = None, die: str = "",
            wrap: str = "") -> dict:
     """Start the stand-in kernel in *group* (moved there before it starts, as systemd starts a
     service), as *uid*, and return what it printed."""
-    inner = [PYTHON, "-c", KERNEL, json.dumps(options or {})] + (["die"] if die else [])
+    inner = [PYTHON, "-c", KERNEL, json.dumps(options or {})] + ([die] if die else [])
     if uid:
         inner = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *inner]
     move = f'echo $$ > {group}/cgroup.procs && ' if group else ""
@@ -79,6 +83,16 @@ def snapshot(group: str) -> dict:
     return {"children": sorted(d for d in os.listdir(group) if os.path.isdir(os.path.join(group, d))),
             "procs": sorted(open(f"{group}/cgroup.procs").read().split()),
             "subtree_control": open(f"{group}/cgroup.subtree_control").read().split()}
+
+
+def back_to(group: str, before: dict, wait: float = 60) -> dict:
+    """The snapshot of *group* once it is as *before*, or the last one after *wait* seconds: the
+    kernel's sentinel moves back into G with it, and lives on there for the moment its last
+    sweep takes (seconds on the VM's emulated CPU)."""
+    end = time.monotonic() + wait
+    while (now := snapshot(group)) != before and time.monotonic() < end:
+        time.sleep(0.1)
+    return now
 
 
 def limited(report: dict, group: str) -> None:
@@ -170,7 +184,7 @@ def test_service_group_as_root(service):
     assert report["setup"].startswith("cgroup v2, root in a service's or container's cgroup"), report
     limited(report, service)
     assert re.fullmatch(r"/system.slice/nsm-test.service/nsmagic-\d+-kernel", report["during"]), report
-    assert snapshot(service) == before  # moved back at exit: the service's process too
+    assert back_to(service, before) == before  # moved back at exit: the service's process too
 
 
 @pytest.mark.parametrize("options", [{}, {"user": True, "map_root_user": True, "pid": True}], ids=["plain", "-r -p"])
@@ -180,18 +194,27 @@ def test_delegated_scope_as_a_user(delegated, options):
     assert report["setup"].startswith("cgroup v2, a cgroup delegated to this user"), report
     limited(report, delegated)
     assert report["cell"]["uid"] == (0 if options else USER)
-    assert snapshot(delegated) == before
+    assert back_to(delegated, before) == before
+
+
+def test_a_killed_kernels_sentinel_puts_the_tree_back(delegated):
+    before = snapshot(delegated)
+    report = kernel(delegated, uid=USER, die="die")
+    limited(report, delegated)
+    # the sentinel ends the kernel's cells, then undoes the leaf move as the kernel's exit would
+    assert back_to(delegated, before) == before
 
 
 def test_a_killed_kernels_leaf_is_swept_by_the_next(delegated):
+    """Its sentinel killed too: the leaf and the controllers stay until the next kernel."""
     before = snapshot(delegated)
-    report = kernel(delegated, uid=USER, die=True)
+    report = kernel(delegated, uid=USER, die="die-unwatched")
     limited(report, delegated)
     left = snapshot(delegated)["children"]
-    assert any(d.endswith("-kernel") for d in left)  # it could not clean up
+    assert any(d.endswith("-kernel") for d in left)  # no one could clean up
     # the next kernel is started by the Jupyter server, which the leaf move put in nsmagic-others
     limited(kernel(f"{delegated}/nsmagic-others", uid=USER), delegated)
-    assert snapshot(delegated) == before
+    assert back_to(delegated, before) == before
 
 
 def test_container_cgroup_namespace_as_root():
@@ -208,6 +231,7 @@ def test_container_cgroup_namespace_as_root():
         limited(report, ROOT)  # paths as the container sees them
         assert report["during"].startswith("/nsmagic-")
         assert snapshot(group)["children"] == []
+        assert back_to(group, {**snapshot(group), "procs": []})["procs"] == []  # the sentinel ended
     finally:
         _rmtree(group)
 
