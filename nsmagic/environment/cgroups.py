@@ -25,7 +25,8 @@ and the errors):
   leaves, the kernel into ``G/nsmagic-<pid>-kernel`` and the rest into ``G/nsmagic-others``, as
   container runtimes and systemd do; then the controllers are enabled in G and the cell's
   cgroup ``G/nsmagic-<pid>-<n>`` is made beside the leaves. The leaves stay while the kernel
-  lives; at its exit it moves back and removes them, or the next kernel's sweep does.
+  lives; at its exit it moves back and removes them (put_back), or, if it was killed, its
+  sentinel's sweep does (or the next kernel's).
 
 Without root, G (with its ``cgroup.procs`` and ``cgroup.subtree_control``) must be writable by the
 kernel's user, which a delegated cgroup v2 subtree gives (systemd's ``Delegate=yes``). If it is
