@@ -28,6 +28,7 @@ from typing import Callable
 from . import protocol, sentinel, steps
 from .explain import inodes
 from .outcome import Outcome, make_report
+from .plain import plain
 from .proctree import children
 from .protocol import Kind
 from .spec import Namespaces
@@ -86,10 +87,10 @@ class Channel:
         frame and waits for the kernel's acknowledgement: the kernel has then passed on every
         byte written before the frame and none written after it.
         """
+        message = plain({"data": data, "metadata": metadata or {}, "transient": transient or {}},
+                        "the display's data or metadata")
         self.flush()
-        protocol.send_obj(self.control, Kind.DISPLAY, {
-            "data": data, "metadata": metadata or {}, "transient": transient or {}, "update": update,
-        })
+        protocol.send_obj(self.control, Kind.DISPLAY, {**message, "update": bool(update)})
         protocol.recv_blocking(self.answers)
 
     def clear_output(self, wait: bool = False) -> None:
@@ -100,10 +101,11 @@ class Channel:
     def iopub(self, msg_type: str, content: dict, metadata: dict | None = None, ident=None,
               buffers=None) -> None:
         """Have the kernel send a message to the front end for us (a widget's comm traffic)."""
+        message = plain({"msg_type": msg_type, "content": content, "metadata": metadata or {}},
+                        f"the {msg_type} message")
         self.flush()
         protocol.send_obj(self.control, Kind.IOPUB, {
-            "msg_type": msg_type, "content": content, "metadata": metadata or {}, "ident": ident,
-            "buffers": [bytes(b) for b in buffers or ()],
+            **message, "ident": ident, "buffers": [bytes(b) for b in buffers or ()],
         })
         protocol.recv_blocking(self.answers)
 

@@ -41,6 +41,30 @@ def test_rich_display_is_the_same_as_a_plain_cells(kernel):
     assert [kind for kind, *_ in inside] == ["stream", "display_data", "display_data", "display_data", "stream"]
 
 
+NUMPY_METADATA = """import datetime, numpy as np
+from IPython.display import HTML, display
+display(HTML("<b>m</b>"), metadata={"scale": np.float64(1.5), "n": np.int64(3), "on": np.bool_(True),
+        "shape": np.arange(3), "day": datetime.date(2026, 12, 2), "pair": (1, 2)})
+"""
+
+
+def test_display_metadata_holding_numpy_values_comes_as_a_plain_cells_would(kernel):
+    """Control frames are plain data, so the child converts what Jupyter's JSON would convert."""
+    plain = kernel.execute(NUMPY_METADATA.replace('"on": np.bool_(True)', '"on": True')).ok()
+    inside = kernel.execute("%%innamespace -n\n" + NUMPY_METADATA).ok()
+    assert shown(inside) == shown(plain)
+    assert shown(inside)[0][2] == {"scale": 1.5, "n": 3, "on": True, "shape": [0, 1, 2],
+                                   "day": "2026-12-02", "pair": [1, 2]}
+
+
+def test_display_metadata_json_cannot_hold_fails_in_the_cell_and_the_next_cell_works(kernel):
+    cell = kernel.execute("%%innamespace -n\nfrom IPython.display import HTML, display\n"
+                          "display(HTML('x'), metadata={'o': object()})")
+    assert cell.error["ename"] == "TypeError", cell.error
+    assert "travels as JSON" in cell.error["evalue"] and "object" in cell.error["evalue"]
+    assert kernel.execute("%%innamespace -n\nprint('still here')").ok().stdout == "still here\n"
+
+
 def test_every_cell_displays_through_one_publisher_that_the_kernel_never_wires(kernel):
     for i in range(3):
         cell = kernel.execute(f"%%innamespace -u\nfrom IPython.display import HTML, display\n"

@@ -477,3 +477,18 @@ def test_signal_names_are_in_our_words():
     assert (exited.signal, exited.exitcode) == (None, 3)
     assert "exited with status 3: the OOM killer before the cell finished" in str(exited)
     assert "(SIGUSR1)" in str(ChildDied(7, signal.SIGUSR1))  # a signal without words of ours
+
+
+def test_plain_keeps_plain_data_as_is_and_converts_the_rest_as_jupyters_json_would():
+    import datetime
+    from fractions import Fraction
+
+    from nsmagic.plain import plain
+
+    data = {"text/plain": "x", "n": [1, 2.5, None, True, b"\x00"], "t": (1, "a")}
+    assert plain(data, "d") is data  # the common case costs one walk, no copy
+    when = datetime.datetime(2026, 12, 2, 13, 0, tzinfo=datetime.timezone.utc)
+    assert plain({"when": when, "q": Fraction(1, 4), "s": {3}, 7: b"\x00\x01", "g": (i for i in [1])}, "d") == {
+        "when": "2026-12-02T13:00:00Z", "q": 0.25, "s": [3], "7": "AAE=", "g": [1]}
+    with pytest.raises(TypeError, match=r"^d holds a value Jupyter cannot send .* travels as JSON"):
+        plain({"o": object()}, "d")
