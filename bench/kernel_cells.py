@@ -58,7 +58,8 @@ def many_net_cells(quick: bool) -> list[Verdict]:
 
 
 #: Each flag alone (and a container-like set), to document what each costs and why.
-PER_FLAG = ["-u", "-i", "-m", "-p", "-n", "-C", "-T", "-U", "-r", "-p --mount-proc", "-r -p -n --mount-proc"]
+PER_FLAG = ["-u", "-i", "-m", "-p", "-n", "-C", "-T", "-U", "-r", "-p --mount-proc", "-r -p -n --mount-proc",
+            "--memory 64M --pids 64"]
 
 
 def per_flag(quick: bool) -> list[Verdict]:
