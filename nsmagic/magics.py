@@ -463,6 +463,22 @@ def _is_number(token: str) -> bool:
         return False
 
 
+class _NegativeNumbers:
+    """What argparse asks of its ``_negative_number_matcher``: whether a word beginning with
+    ``-`` is a value rather than an option. Its own pattern knows ``-5`` and ``-.5`` but not
+    ``-1e12``, which it then reads as an unknown option (``--boottime -1e12``: "expected one
+    argument"); no option of this magic looks like a number, so any number is a value. (``-inf``
+    still reads as ``-i`` with a value; ``--monotonic=-inf`` gets the range message.)"""
+
+    @staticmethod
+    def match(token: str) -> bool:
+        return token.startswith("-") and _is_number(token)
+
+
+if hasattr(InNamespaceMagics.innamespace.parser, "_negative_number_matcher"):  # argparse's, since 2.7
+    InNamespaceMagics.innamespace.parser._negative_number_matcher = _NegativeNumbers()
+
+
 def _long_option(parser: argparse.ArgumentParser, token: str):
     """The action of a long option as argparse reads it: exact, or a unique abbreviation."""
     actions = parser._option_string_actions

@@ -80,6 +80,7 @@ def test_any_line_magic_line_is_a_request_or_a_usage_error(magics, line, code):
     ("--timeout 3e6", None), ("--timeout inf", "--timeout"), ("--timeout nan", "--timeout"),
     ("--timeout 0", "--timeout"), ("--monotonic nan", "--monotonic"), ("--monotonic inf", "--monotonic"),
     ("--monotonic 1e20", "--monotonic"), ("--boottime=-1e12", "--boottime"), ("--boottime inf", "--boottime"),
+    ("--boottime -1e12", r"--boottime -1e\+12: the offset must keep the clock"), ("--monotonic -1.5e3", None),
     ("-o class", "'class' is a Python keyword"), ("-o None", "'None' is a Python keyword"),
     ("--memory 1.5", "--memory '1.5' is not a whole number of bytes"), ("--memory 1.5M", None),
     ("-n 'unbalanced", "cannot be split into words"), ("--cpus nan", "--cpus"), ("--pids 0", "--pids"),
