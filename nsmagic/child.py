@@ -183,7 +183,8 @@ def _rewire(plan: Plan) -> None:
     # Every object inherited from the kernel goes to the permanent generation, so the child's
     # garbage collections never write to (and so copy) the kernel's pages (see gc.freeze).
     gc.freeze()
-    set_parent_death_signal(sentinel.death_signal)  # SIGSTOP under a sentinel: see there
+    # SIGSTOP under a sentinel (see there), once the sentinel holds this child: never frozen unseen.
+    set_parent_death_signal(signal.SIGSTOP if sentinel.guard.watch_self() else signal.SIGKILL)
     if not plan.pid_done and os.getppid() != plan.kernel_pid:  # the kernel died before prctl()
         os._exit(EXIT_INTERNAL)
     # A session of its own, not only a process group: a stopped group leader in its parent's

@@ -81,7 +81,6 @@ def _spawn(plan, note, log, started) -> int:
                 child_module.main(plan)
             finally:
                 os._exit(child_module.EXIT_INTERNAL)
-        guard.watch(pid)  # first: the child may already be frozen if the kernel dies now
         if started is not None:
             started(pid)
         # No setpgid(pid, pid) here: the child makes a session of its own (see child._rewire),

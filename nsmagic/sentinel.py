@@ -11,9 +11,9 @@ SIGSTOP, which cannot be caught, blocked or ignored (and reaches PID 1 of a PID 
 because it comes from an ancestor namespace). Frozen, it still holds its tree together: orphans
 keep coming to it, and as it cannot reap them their pids cannot be reused. The sentinel, a
 separate process in a session of its own (out of reach of the kernel's process-group signals),
-holds a pidfd of the kernel and one of each live child, handed over by the kernel right after
-each fork (:meth:`Guard.watch`, called from nsmagic.clone's spawn, so every child made there is
-covered, a long-lived one as well as a cell's). When the kernel's pidfd fires it walks each
+holds a pidfd of the kernel and one of each live child, which each child made by nsmagic.clone's
+spawn (a long-lived box as well as a cell's) hands over itself before it asks for SIGSTOP
+(:meth:`Guard.watch_self`). When the kernel's pidfd fires it walks each
 frozen child's tree from the top, stopping every process before listing its children (a fork
 racing a SIGSTOP either is listed or is restarted by Linux and never happens), kills them all,
 then the child, and finally sweeps what dead kernels left on the host (cgroups and veth pairs
@@ -113,18 +113,23 @@ class Guard:
         self._sock = ours
         return True
 
-    def watch(self, pid: int) -> None:
-        """Right after a fork: hand the new child to the sentinel."""
-        if death_signal != signal.SIGSTOP or self._sock is None or os.getpid() != _HOME:
-            return
+    def watch_self(self) -> bool:
+        """In a child, first thing: hand the sentinel a pidfd of this very process, and say
+        whether it now holds one. Only then may the child ask for SIGSTOP as its parent-death
+        signal: a child frozen unseen would stay frozen. (The kernel handing the child over after
+        ``fork()`` returned left a moment, the kernel killed in it, with a frozen child no one
+        knew; done by the child before its ``prctl``, there is none.)"""
+        if death_signal != signal.SIGSTOP or self._sock is None:
+            return False
         try:
-            pidfd = os.pidfd_open(pid)
+            pidfd = os.pidfd_open(os.getpid())
         except OSError:
-            return
+            return False
         try:
             socket.send_fds(self._sock, [b"w"], [pidfd], socket.MSG_DONTWAIT)
-        except OSError:  # full or gone: the next arm() finds out and starts another one
-            pass
+            return True
+        except OSError:  # full or gone: the child keeps SIGKILL; the next arm() finds out
+            return False
         finally:
             os.close(pidfd)
 

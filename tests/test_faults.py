@@ -266,23 +266,24 @@ def test_a_sentinel_whose_kernel_died_before_it_ran_sweeps_and_ends():
     assert out.stdout.strip() == "ended", out.stderr
 
 
-#: A "kernel" with a sentinel: it forks a child that would be frozen at its death (still holding
-#: the kernel's end of the sentinel's socket, as a child does until it seals its descriptors
-#: off), hands it over, says both pids, and waits to be killed.
+#: A "kernel" with a sentinel: it forks a child that hands itself over and would be frozen at
+#: the kernel's death (still holding the kernel's end of the sentinel's socket, as a child does
+#: until it seals its descriptors off), says both pids, and waits to be killed. The kernel itself
+#: does nothing for the child after fork(): killed at that moment, it is killed here.
 WATCHED_CHILD = r"""
-import os, time
+import os, signal, time
 from nsmagic import sentinel
 from nsmagic.syscalls import set_parent_death_signal
 assert sentinel.guard.arm(), "no sentinel"
 ready, say = os.pipe()
 child = os.fork()
 if child == 0:
-    set_parent_death_signal(sentinel.death_signal)
+    assert sentinel.guard.watch_self(), "the sentinel did not take the child"
+    set_parent_death_signal(signal.SIGSTOP)
     os.write(say, b"1")
     time.sleep(600)
     os._exit(0)
 os.read(ready, 1)
-sentinel.guard.watch(child)
 print(child, sentinel.guard._proc.pid, flush=True)
 time.sleep(600)
 """
