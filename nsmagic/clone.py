@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import _signal
 import os
+import queue
 import select
 import signal
 import sys
@@ -54,8 +55,59 @@ def spawn(plan: "child_module.Plan", log: list | None = None, started=None) -> i
     are noted there for ``--explain``."""
     note = log.append if log is not None else (lambda entry: None)
     stop_saving_threads()  # while an interrupt can still stop the wait (see nsmagic.shell)
+    if threading.current_thread() is not threading.main_thread():
+        return _forker.call(_spawn, plan, note, log, started)
     with _interrupt_deferred():
         return _spawn(plan, note, log, started)
+
+
+class _Forker:
+    """The thread that forks for every thread but the main one.
+
+    Linux sends a child its parent-death signal when the *thread* that forked it ends, not the
+    process (prctl(2), PR_SET_PDEATHSIG). A cell sent from another thread (an ipykernel
+    subshell, a library caller's worker thread) may make a child that outlives that thread (a
+    box), which would then be frozen by its SIGSTOP (see nsmagic.sentinel) while the kernel
+    lives. The main thread lives as long as the process, and so does this one (a daemon thread,
+    started at the first such fork, anew in a forked process). Forks from other threads wait
+    for it one at a time; none of them can be interrupted anyway (only the main thread gets
+    KeyboardInterrupt).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue | None = None
+        self._owner = -1
+
+    def call(self, fn, *args):
+        with self._lock:
+            if self._owner != os.getpid():
+                self._jobs = queue.SimpleQueue()
+                threading.Thread(target=self._serve, args=(self._jobs,), name="nsmagic-forker",
+                                 daemon=True).start()
+                self._owner = os.getpid()
+            jobs = self._jobs
+        done, outcome = threading.Event(), {}
+        jobs.put((fn, args, outcome, done))
+        done.wait()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    @staticmethod
+    def _serve(jobs: "queue.SimpleQueue") -> None:
+        while True:
+            fn, args, outcome, done = jobs.get()
+            try:
+                outcome["value"] = fn(*args)
+            except BaseException as e:  # handed to the caller, whose fork it was
+                outcome["error"] = e
+            finally:
+                done.set()
+                del fn, args, outcome, done  # nothing of a finished fork kept alive here
+
+
+_forker = _Forker()
 
 
 def _spawn(plan, note, log, started) -> int:

@@ -145,6 +145,29 @@ class Kernel:
         cell = self.execute(f"%%innamespace {options}\nprint(repr({expr}))").ok()
         return ast.literal_eval(cell.stdout.strip())
 
+    def control(self, kind: str, content: dict, timeout: float = 30) -> dict:
+        """Send a control request (e.g. ``create_subshell_request``) and return its reply's content."""
+        msg = self.kc.session.msg(kind, content)
+        self.kc.control_channel.send(msg)
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.kc.control_channel.get_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                return reply["content"]
+
+    def execute_in_subshell(self, subshell: str, code: str, timeout: float = 60) -> dict:
+        """Run *code* in an ipykernel subshell (a thread of its own) and return the reply's content."""
+        msg = self.kc.session.msg("execute_request", {
+            "code": code, "silent": False, "store_history": False, "user_expressions": {},
+            "allow_stdin": False, "stop_on_error": True})
+        msg["header"]["subshell_id"] = subshell
+        self.kc.shell_channel.send(msg)
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.kc.shell_channel.get_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                return reply["content"]
+
     def shutdown(self) -> None:
         self.kc.stop_channels()
         self.km.shutdown_kernel(now=True)

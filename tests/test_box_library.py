@@ -55,3 +55,22 @@ def test_a_box_that_ended_between_cells_is_reported_once():
         for _ in range(50):  # the watcher may not have seen it yet: then the cell sees it
             box.run_code("1")
     box.stop()
+
+
+def test_a_box_made_in_a_thread_that_ended_lives_on():
+    """Linux sends the parent-death signal when the forking *thread* ends: a box made from a
+    worker thread (an ipykernel subshell is one) must not be frozen when that thread is gone."""
+    import threading
+
+    made = []
+    maker = threading.Thread(target=lambda: made.append(Box(Namespaces(pid=True))))
+    maker.start()
+    maker.join()
+    [box] = made
+    try:
+        state = open(f"/proc/{box.worker}/stat").read().rpartition(")")[2].split()[0]
+        assert state != "T", "the box was frozen when the thread that made it ended"
+        box.run_code("kept = 41", timeout=30)
+        assert box.run_code("kept + 1", timeout=30).value == 42
+    finally:
+        box.stop()

@@ -320,3 +320,18 @@ def test_boxes_end_with_the_kernel_and_leave_no_link(how):
             k.shutdown()
         else:
             k.kc.stop_channels()
+
+
+def test_a_box_made_in_a_subshell_lives_on_after_the_subshell_is_deleted(boxes):
+    """An ipykernel subshell runs its cells in a thread of its own, and Linux sends the
+    parent-death signal when the forking thread ends: the box must not be frozen then."""
+    k = boxes
+    subshell = k.control("create_subshell_request", {})["subshell_id"]
+    reply = k.execute_in_subshell(subshell, "%%innamespace --name sub -p\nx = 41")
+    assert reply["status"] == "ok", reply
+    assert k.control("delete_subshell_request", {"subshell_id": subshell})["status"] == "ok"
+    pid = worker(k, "sub")
+    state = psutil.Process(pid).status()
+    assert state != psutil.STATUS_STOPPED, "the box was frozen when its subshell's thread ended"
+    cell = k.execute("%%innamespace --name sub --timeout 30\nprint(x + 1)").ok()
+    assert cell.stdout == "42\n"
