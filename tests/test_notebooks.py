@@ -124,15 +124,18 @@ def _load_tool():
 
 def _text(nb) -> str:
     """Every output of the notebook as text, streams and plain-text results alike."""
+    return "\n".join(_text_of(c) for c in nb.cells if c.get("outputs"))
+
+
+def _text_of(cell) -> str:
     parts = []
-    for c in nb.cells:
-        for o in c.get("outputs", []):
-            if o.output_type == "stream":
-                parts.append(o.text)
-            elif o.output_type == "error":
-                parts.append(f"{o.ename}: {o.evalue}")
-            else:
-                parts.append(str(o.get("data", {}).get("text/plain", "")))
+    for o in cell.get("outputs", []):
+        if o.output_type == "stream":
+            parts.append(o.text)
+        elif o.output_type == "error":
+            parts.append(f"{o.ename}: {o.evalue}")
+        else:
+            parts.append(str(o.get("data", {}).get("text/plain", "")))
     return ANSI.sub("", "\n".join(parts)).replace("\r\n", "\n")
 
 
@@ -151,7 +154,10 @@ def _check_expected(nb, name: str, who: str) -> None:
     text = _text(nb)
     for pattern, whom in EXPECTED.get(name, []):
         if whom in ("both", who):
-            assert re.search(pattern, text, re.M), f"{name} as {who}: no output matches {pattern!r}"
+            assert re.search(pattern, text, re.M), (
+                f"{name} as {who}: no output matches {pattern!r}; the outputs, cell by cell:\n"
+                + "\n".join(f"[{i}] {c.source[:60]!r}: {_text_of(c)[:300]!r}"
+                             for i, c in enumerate(nb.cells) if c.cell_type == "code"))
 
 
 # -- pure: the stored notebooks ------------------------------------------------------------------
