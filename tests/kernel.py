@@ -147,13 +147,7 @@ class Kernel:
 
     def control(self, kind: str, content: dict, timeout: float = 30) -> dict:
         """Send a control request (e.g. ``create_subshell_request``) and return its reply's content."""
-        msg = self.kc.session.msg(kind, content)
-        self.kc.control_channel.send(msg)
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = self.kc.control_channel.get_msg(timeout=max(0.1, deadline - time.monotonic()))
-            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
-                return reply["content"]
+        return self._request(self.kc.control_channel, self.kc.session.msg(kind, content), timeout)
 
     def execute_in_subshell(self, subshell: str, code: str, timeout: float = 60) -> dict:
         """Run *code* in an ipykernel subshell (a thread of its own) and return the reply's content."""
@@ -161,12 +155,21 @@ class Kernel:
             "code": code, "silent": False, "store_history": False, "user_expressions": {},
             "allow_stdin": False, "stop_on_error": True})
         msg["header"]["subshell_id"] = subshell
-        self.kc.shell_channel.send(msg)
+        return self._request(self.kc.shell_channel, msg, timeout)
+
+    @staticmethod
+    def _request(channel, msg: dict, timeout: float) -> dict:
+        """Send *msg* on *channel* and return the content of the reply to it."""
+        channel.send(msg)
         deadline = time.monotonic() + timeout
-        while True:
-            reply = self.kc.shell_channel.get_msg(timeout=max(0.1, deadline - time.monotonic()))
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                reply = channel.get_msg(timeout=left)
+            except queue.Empty:
+                break
             if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
                 return reply["content"]
+        raise TimeoutError(f"no reply to {msg['msg_type']} in {timeout}s")
 
     def shutdown(self) -> None:
         self.kc.stop_channels()
